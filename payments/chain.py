@@ -1,0 +1,239 @@
+"""Chain access: batched JSON-RPC, EIP-3009 call data, EIP-1559 signing, error classification.
+
+Per-payment work is batched: one JSON-RPC batch carries every estimate, receipt lookup or raw
+transaction of a tick, so the pipeline is bounded by the node, not by round trips.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, cast
+
+import requests
+from eth_abi.abi import decode as abi_decode
+from eth_abi.abi import encode as abi_encode
+from eth_account import Account
+from eth_utils.crypto import keccak
+from web3 import HTTPProvider, Web3
+from web3.types import RPCEndpoint
+
+from payments.config import CONTRACTS_BUILD_DIR
+from payments.errors import RpcError
+
+TRANSFER_WITH_AUTHORIZATION_SIG = (
+    "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
+)
+TRANSFER_WITH_AUTHORIZATION_SELECTOR = keccak(text=TRANSFER_WITH_AUTHORIZATION_SIG)[:4]
+AUTHORIZATION_STATE_SELECTOR = keccak(text="authorizationState(address,bytes32)")[:4]
+_ERROR_STRING_SELECTOR = bytes.fromhex("08c379a0")
+_TWA_TYPES = ["address", "address", "uint256", "uint256", "uint256", "bytes32", "uint8", "bytes32", "bytes32"]
+
+
+@cache
+def artifact(name: str) -> dict[str, Any]:
+    """Compiled ABI + bytecode committed under contracts/build."""
+    return cast(dict[str, Any], json.loads((CONTRACTS_BUILD_DIR / f"{name}.json").read_text()))
+
+
+def connect(rpc_url: str, timeout: float = 10.0) -> Web3:
+    return Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
+
+
+# --------------------------------------------------------------------------- JSON-RPC batches
+
+
+@dataclass(frozen=True)
+class RpcResult:
+    result: Any = None
+    error: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def message(self) -> str:
+        return str((self.error or {}).get("message", ""))
+
+
+def rpc_batch(w3: Web3, calls: Sequence[tuple[str, Sequence[Any]]], chunk: int = 1000) -> list[RpcResult]:
+    """Send calls as JSON-RPC batches; answers come back in call order. Transport failures raise
+    RpcError (the caller's task retries); per-call errors come back as RpcResult.error."""
+    provider = cast(HTTPProvider, w3.provider)
+    out: list[RpcResult] = []
+    for start in range(0, len(calls), chunk):
+        part = [(RPCEndpoint(m), list(p)) for m, p in calls[start : start + chunk]]
+        try:
+            answers = provider.make_batch_request(part)
+        except (requests.RequestException, OSError) as exc:
+            raise RpcError(f"RPC batch of {len(part)} failed: {type(exc).__name__}") from exc
+        if not isinstance(answers, list):  # the whole batch was refused
+            raise RpcError(f"RPC batch refused: {answers.get('error')}")
+        if len(answers) != len(part):
+            raise RpcError(f"RPC batch returned {len(answers)} answers for {len(part)} calls")
+        for a in answers:
+            err = a.get("error")
+            out.append(RpcResult(error=dict(err)) if err else RpcResult(result=a.get("result")))
+    return out
+
+
+def rpc_call(w3: Web3, method: str, params: Sequence[Any]) -> Any:
+    """One call; a JSON-RPC error raises RpcError too."""
+    (answer,) = rpc_batch(w3, [(method, params)])
+    if not answer.ok:
+        raise RpcError(f"{method} failed: {answer.message}")
+    return answer.result
+
+
+# --------------------------------------------------------------------------- error classification
+
+
+def is_already_known(message: str) -> bool:
+    m = message.lower()
+    return "already known" in m or "already imported" in m or "known transaction" in m or "alreadyknown" in m
+
+
+def is_nonce_too_low(message: str) -> bool:
+    m = message.lower()
+    return "nonce too low" in m or "noncetoolow" in m or "nonce has already been used" in m
+
+
+def is_replacement_underpriced(message: str) -> bool:
+    m = message.lower()
+    return "replacement transaction underpriced" in m or "replacement underpriced" in m
+
+
+def is_insufficient_funds(message: str) -> bool:
+    return "insufficient funds" in message.lower()
+
+
+def is_execution_reverted(error: dict[str, Any]) -> bool:
+    return error.get("code") == 3 or "revert" in str(error.get("message", "")).lower()
+
+
+def broadcast_accepted(result: RpcResult) -> bool:
+    """Re-sending signed bytes is idempotent: the node already having the tx, or the nonce having been
+    used already (possibly by this very tx), is success to be reconciled by the confirmation loop."""
+    return result.ok or is_already_known(result.message) or is_nonce_too_low(result.message)
+
+
+def revert_reason(error: dict[str, Any]) -> str:
+    """Human revert reason from a JSON-RPC error (Error(string) data decoded when present)."""
+    data = error.get("data")
+    if isinstance(data, dict):
+        data = data.get("data")
+    if isinstance(data, str) and data.startswith("0x") and bytes.fromhex(data[2:10]) == _ERROR_STRING_SELECTOR:
+        try:
+            (reason,) = abi_decode(["string"], bytes.fromhex(data[10:]))
+            return str(reason)
+        except Exception:  # malformed revert data: fall back to the message
+            pass
+    message = str(error.get("message", "execution reverted"))
+    return message.removeprefix("execution reverted: ").strip() or message
+
+
+def failure_code(reason: str) -> str:
+    """Stable machine-readable code for a settlement revert (x402 `invalidReason` names)."""
+    r = reason.lower()
+    if "expired" in r:
+        return "invalid_exact_evm_payload_authorization_valid_before"
+    if "not yet valid" in r:
+        return "invalid_exact_evm_payload_authorization_valid_after"
+    if "used or canceled" in r:
+        return "invalid_exact_evm_nonce_already_used"
+    if "invalid signature" in r:
+        return "invalid_exact_evm_payload_signature"
+    if "exceeds balance" in r:
+        return "invalid_exact_evm_insufficient_balance"
+    return "invalid_exact_evm_transaction_simulation_failed"
+
+
+# --------------------------------------------------------------------------- EIP-3009 call data
+
+
+def split_signature(signature: str) -> tuple[int, bytes, bytes]:
+    raw = bytes.fromhex(signature.removeprefix("0x"))
+    if len(raw) != 65:
+        raise ValueError("signature must be 65 bytes")
+    v = raw[64]
+    if v < 27:
+        v += 27
+    return v, raw[:32], raw[32:64]
+
+
+def transfer_with_authorization_data(
+    payer: str, pay_to: str, value: int, valid_after: int, valid_before: int, nonce: str, signature: str
+) -> bytes:
+    v, r, s = split_signature(signature)
+    args = [payer, pay_to, value, valid_after, valid_before, bytes.fromhex(nonce.removeprefix("0x")), v, r, s]
+    return TRANSFER_WITH_AUTHORIZATION_SELECTOR + abi_encode(_TWA_TYPES, args)
+
+
+def authorization_state_data(authorizer: str, nonce: str) -> bytes:
+    return AUTHORIZATION_STATE_SELECTOR + abi_encode(
+        ["address", "bytes32"], [authorizer, bytes.fromhex(nonce.removeprefix("0x"))]
+    )
+
+
+# --------------------------------------------------------------------------- fees and signing
+
+
+@dataclass(frozen=True)
+class Fees:
+    max_fee_per_gas: int
+    max_priority_fee_per_gas: int
+
+    def bumped(self, percent: int, floor: Fees | None = None) -> Fees:
+        """Both fees raised by `percent` (geth wants >= 10 % on both), never below `floor`."""
+        tip = self.max_priority_fee_per_gas * (100 + percent) // 100 + 1
+        cap = self.max_fee_per_gas * (100 + percent) // 100 + 1
+        if floor is not None:
+            tip = max(tip, floor.max_priority_fee_per_gas)
+            cap = max(cap, floor.max_fee_per_gas)
+        return Fees(max_fee_per_gas=max(cap, tip), max_priority_fee_per_gas=tip)
+
+
+def fees_from(base_fee: int, priority_fee: int) -> Fees:
+    """Pay up to twice the current base fee, so a tx survives several full blocks of fee growth."""
+    tip = max(priority_fee, 1)
+    return Fees(max_fee_per_gas=2 * base_fee + tip, max_priority_fee_per_gas=tip)
+
+
+@dataclass(frozen=True)
+class SignedTx:
+    nonce: int
+    tx_hash: str
+    raw: bytes
+    fees: Fees
+    gas_limit: int
+
+
+def sign_tx(
+    key: Any, *, chain_id: int, nonce: int, to: str, data: bytes, gas: int, fees: Fees, value: int = 0
+) -> SignedTx:
+    tx = {
+        "type": 2,
+        "chainId": chain_id,
+        "nonce": nonce,
+        "to": Web3.to_checksum_address(to),
+        "value": value,
+        "data": data,
+        "gas": gas,
+        "maxFeePerGas": fees.max_fee_per_gas,
+        "maxPriorityFeePerGas": fees.max_priority_fee_per_gas,
+    }
+    signed = Account.sign_transaction(tx, key)
+    return SignedTx(
+        nonce=nonce,
+        tx_hash="0x" + bytes(signed.hash).hex(),
+        raw=bytes(signed.raw_transaction),
+        fees=fees,
+        gas_limit=gas,
+    )
+
+
+def to_int(value: Any) -> int:
+    return int(value, 16) if isinstance(value, str) else int(value)

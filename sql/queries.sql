@@ -1,0 +1,210 @@
+-- Named statements used by the pipeline. Every status change is one statement guarded by the expected
+-- old status; the number of rows it returns says who won.
+
+-- insert_payment --
+INSERT INTO payment_queue (id, chain_id, token, payer, pay_to, amount, valid_after, valid_before,
+                           auth_nonce, signature, "authorization")
+VALUES (:id, :chain_id, :token, :payer, :pay_to, :amount, :valid_after, :valid_before,
+        :auth_nonce, :signature, CAST(:authorization AS jsonb))
+ON CONFLICT ON CONSTRAINT payment_queue_authorization_unique DO NOTHING
+RETURNING id
+
+-- find_payment_by_authorization --
+SELECT id, pay_to, amount, valid_after, valid_before, signature
+FROM payment_queue
+WHERE chain_id = :chain_id AND token = :token AND payer = :payer AND auth_nonce = :auth_nonce
+
+-- insert_mint_rows --
+INSERT INTO mint_queue (payment_id, mint_token, recipient, amount)
+SELECT :payment_id, v.mint_token, v.recipient, v.amount
+FROM unnest(CAST(:mint_tokens AS text[]), CAST(:recipients AS text[]), CAST(:amounts AS numeric[]))
+     AS v(mint_token, recipient, amount)
+
+-- release_expired_leases --
+-- A send run that died before it persisted a transaction: its claims go back to pending.
+UPDATE payment_queue
+SET status = 'pending', signer = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now(),
+    error = 'lease expired before a transaction was signed; requeued'
+WHERE chain_id = :chain_id AND status = 'processing' AND tx_hash IS NULL
+  AND lease_expires_at < coalesce(CAST(:now AS timestamptz), now())
+RETURNING id
+
+-- claim_pending_payments --
+WITH claimable AS (
+    SELECT id FROM payment_queue
+    WHERE chain_id = :chain_id AND status = 'pending'
+    ORDER BY created_at
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE payment_queue p
+SET status = 'processing', signer = :signer, lease_owner = :owner,
+    lease_expires_at = now() + make_interval(secs => :lease_seconds),
+    attempts = p.attempts + 1, error = NULL, updated_at = now()
+FROM claimable
+WHERE p.id = claimable.id AND p.status = 'pending'
+RETURNING p.id, p.token, p.payer, p.pay_to, p.amount, p.valid_after, p.valid_before, p.auth_nonce, p.signature,
+          p.created_at
+
+-- claim_unbroadcast_payments --
+-- Signed and persisted by a run that died before it wrote `sent`: the same bytes get re-broadcast.
+WITH orphaned AS (
+    SELECT id FROM payment_queue
+    WHERE chain_id = :chain_id AND signer = :signer AND status = 'processing' AND tx_hash IS NOT NULL
+      AND lease_expires_at < coalesce(CAST(:now AS timestamptz), now())
+    ORDER BY tx_nonce
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE payment_queue p
+SET lease_owner = :owner, lease_expires_at = now() + make_interval(secs => :lease_seconds), updated_at = now()
+FROM orphaned
+WHERE p.id = orphaned.id
+RETURNING p.id, p.tx_nonce, p.tx_hash
+
+-- fail_processing_payments --
+-- Simulation proved the settlement would revert: nothing was signed, no nonce spent.
+WITH failed AS (
+    UPDATE payment_queue p
+    SET status = 'failed', error = v.error, processed_at = now(), lease_owner = NULL, lease_expires_at = NULL,
+        updated_at = now()
+    FROM unnest(CAST(:ids AS text[]), CAST(:errors AS text[])) AS v(id, error)
+    WHERE p.id = v.id AND p.status = 'processing' AND p.lease_owner = :owner AND p.tx_hash IS NULL
+    RETURNING p.id
+), cancelled AS (
+    UPDATE mint_queue m SET status = 'cancelled', cancelled_at = now()
+    FROM failed WHERE m.payment_id = failed.id AND m.status = 'waiting'
+    RETURNING m.id
+)
+SELECT id FROM failed
+
+-- release_processing_payments --
+-- A transient problem (RPC down) before signing: give the claims back at once.
+UPDATE payment_queue
+SET status = 'pending', signer = NULL, lease_owner = NULL, lease_expires_at = NULL, error = :error,
+    updated_at = now()
+WHERE id = ANY(CAST(:ids AS text[])) AND status = 'processing' AND lease_owner = :owner AND tx_hash IS NULL
+RETURNING id
+
+-- lock_owned_unsigned_payments --
+SELECT id FROM payment_queue
+WHERE id = ANY(CAST(:ids AS text[])) AND status = 'processing' AND lease_owner = :owner AND tx_hash IS NULL
+ORDER BY created_at, id
+FOR UPDATE
+
+-- lock_signer_nonce --
+INSERT INTO signer_nonces (chain_id, signer, next_nonce) VALUES (:chain_id, :signer, :chain_nonce)
+ON CONFLICT (chain_id, signer) DO UPDATE
+    SET next_nonce = greatest(signer_nonces.next_nonce, EXCLUDED.next_nonce), updated_at = now()
+RETURNING next_nonce
+
+-- advance_signer_nonce --
+UPDATE signer_nonces SET next_nonce = :next_nonce, updated_at = now()
+WHERE chain_id = :chain_id AND signer = :signer AND next_nonce = :expected
+RETURNING next_nonce
+
+-- insert_transactions --
+INSERT INTO payment_transactions (chain_id, signer, nonce, tx_hash, payment_id, kind, raw_tx,
+                                  max_fee_per_gas, max_priority_fee_per_gas, gas_limit)
+SELECT :chain_id, :signer, v.nonce, v.tx_hash, v.payment_id, v.kind, v.raw_tx, v.max_fee, v.max_tip, v.gas_limit
+FROM unnest(CAST(:nonces AS bigint[]), CAST(:hashes AS text[]), CAST(:payment_ids AS text[]),
+            CAST(:kinds AS text[]), CAST(:raws AS bytea[]), CAST(:max_fees AS numeric[]),
+            CAST(:max_tips AS numeric[]), CAST(:gas_limits AS bigint[]))
+     AS v(nonce, tx_hash, payment_id, kind, raw_tx, max_fee, max_tip, gas_limit)
+
+-- attach_transactions --
+UPDATE payment_queue p
+SET tx_nonce = v.nonce, tx_hash = v.tx_hash, updated_at = now()
+FROM unnest(CAST(:ids AS text[]), CAST(:nonces AS bigint[]), CAST(:hashes AS text[])) AS v(id, nonce, tx_hash)
+WHERE p.id = v.id AND p.status = 'processing' AND p.lease_owner = :owner AND p.tx_hash IS NULL
+RETURNING p.id
+
+-- raw_transactions_for_hashes --
+SELECT tx_hash, raw_tx, nonce FROM payment_transactions WHERE tx_hash = ANY(CAST(:hashes AS text[])) ORDER BY nonce
+
+-- record_broadcasts --
+UPDATE payment_transactions t
+SET broadcast_at = now(), broadcast_count = t.broadcast_count + 1, last_broadcast_error = v.error
+FROM unnest(CAST(:hashes AS text[]), CAST(:errors AS text[])) AS v(tx_hash, error)
+WHERE t.tx_hash = v.tx_hash
+
+-- mark_sent --
+UPDATE payment_queue
+SET status = 'sent', sent_at = now(), processed_at = now(), lease_owner = NULL, lease_expires_at = NULL,
+    error = NULL, updated_at = now()
+WHERE id = ANY(CAST(:ids AS text[])) AND status = 'processing' AND tx_hash IS NOT NULL
+RETURNING id
+
+-- note_processing_error --
+UPDATE payment_queue SET error = v.error, updated_at = now()
+FROM unnest(CAST(:ids AS text[]), CAST(:errors AS text[])) AS v(id, error)
+WHERE payment_queue.id = v.id AND payment_queue.status = 'processing'
+
+-- load_sent_payments --
+-- The confirmation loop's batch: oldest first, with every hash ever broadcast for each payment.
+SELECT p.id, p.payer, p.token, p.pay_to, p.amount, p.valid_after, p.valid_before, p.auth_nonce, p.signature,
+       p.signer, p.tx_nonce,
+       extract(epoch FROM coalesce(CAST(:now AS timestamptz), now()) - p.sent_at) AS age_seconds,
+       t.hashes, t.latest_hash, t.latest_age_seconds, t.last_broadcast_age_seconds,
+       t.max_fee_per_gas, t.max_priority_fee_per_gas, t.gas_limit
+FROM (
+    SELECT * FROM payment_queue
+    WHERE status = 'sent' AND chain_id = :chain_id
+    ORDER BY processed_at
+    LIMIT :limit
+) p
+CROSS JOIN LATERAL (
+    SELECT array_agg(tx_hash ORDER BY id) AS hashes,
+           (array_agg(tx_hash ORDER BY id DESC))[1] AS latest_hash,
+           extract(epoch FROM coalesce(CAST(:now AS timestamptz), now()) - max(created_at)) AS latest_age_seconds,
+           extract(epoch FROM coalesce(CAST(:now AS timestamptz), now()) - max(broadcast_at))
+               AS last_broadcast_age_seconds,
+           (array_agg(max_fee_per_gas ORDER BY id DESC))[1] AS max_fee_per_gas,
+           (array_agg(max_priority_fee_per_gas ORDER BY id DESC))[1] AS max_priority_fee_per_gas,
+           (array_agg(gas_limit ORDER BY id DESC))[1] AS gas_limit
+    FROM payment_transactions
+    WHERE payment_id = p.id AND kind IN ('settlement', 'replacement')
+) t
+ORDER BY p.processed_at
+
+-- complete_payments --
+-- Callback: the payment's mint rows are released in the same statement (same transaction) as
+-- `completed`, and only for the rows this statement moved, so a mint is released exactly once.
+WITH done AS (
+    UPDATE payment_queue p
+    SET status = 'completed', confirmed_at = now(), block_number = v.block_number, tx_hash = v.tx_hash,
+        error = NULL, updated_at = now()
+    FROM unnest(CAST(:ids AS text[]), CAST(:blocks AS bigint[]), CAST(:hashes AS text[]))
+         AS v(id, block_number, tx_hash)
+    WHERE p.id = v.id AND p.status = 'sent'
+    RETURNING p.id
+), released AS (
+    UPDATE mint_queue m SET status = 'released', released_at = now()
+    FROM done WHERE m.payment_id = done.id AND m.status = 'waiting'
+    RETURNING m.id
+)
+SELECT id FROM done
+
+-- fail_confirmation --
+WITH failed AS (
+    UPDATE payment_queue p
+    SET status = 'confirmation_failed', error = v.error, block_number = v.block_number, updated_at = now()
+    FROM unnest(CAST(:ids AS text[]), CAST(:errors AS text[]), CAST(:blocks AS bigint[]))
+         AS v(id, error, block_number)
+    WHERE p.id = v.id AND p.status = 'sent'
+    RETURNING p.id
+), cancelled AS (
+    UPDATE mint_queue m SET status = 'cancelled', cancelled_at = now()
+    FROM failed WHERE m.payment_id = failed.id AND m.status = 'waiting'
+    RETURNING m.id
+)
+SELECT id FROM failed
+
+-- insert_replacement --
+INSERT INTO payment_transactions (chain_id, signer, nonce, tx_hash, payment_id, kind, raw_tx,
+                                  max_fee_per_gas, max_priority_fee_per_gas, gas_limit)
+SELECT :chain_id, :signer, :nonce, :tx_hash, :payment_id, :kind, :raw_tx, :max_fee, :max_tip, :gas_limit
+WHERE EXISTS (SELECT 1 FROM payment_queue WHERE id = :payment_id AND status = 'sent')
+RETURNING id
+
+-- status_counts --
+SELECT status, count(*) AS n FROM payment_queue GROUP BY status

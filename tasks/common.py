@@ -1,0 +1,107 @@
+"""What every stage of the pipeline shares: the lane context, logging and lane locks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Engine, text
+from web3 import Web3
+
+from payments.chain import connect
+from payments.config import Signer, load_signers, require_env
+from payments.db import engine_for
+from payments.errors import RpcError
+from payments.settings import PipelineSettings, read_settings
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter[Any]:
+    """The Prefect run logger inside a flow or task run (shown in the UI), the module logger outside."""
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger("payments")
+
+
+def new_owner_id(prefix: str) -> str:
+    """Identifies one claimer (lease owner) across processes and machines."""
+    return f"{prefix}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Pipeline:
+    """Handles shared by the stages of one process: database, chain, chain id and hot wallets."""
+
+    engine: Engine
+    w3: Web3
+    chain_id: int
+    signers: list[Signer] = field(repr=False)
+
+    @classmethod
+    def from_env(cls) -> Pipeline:
+        w3 = connect(require_env("RPC_URL"))
+        return cls(
+            engine=engine_for(require_env("DATABASE_URL")),
+            w3=w3,
+            chain_id=int(w3.eth.chain_id),
+            signers=load_signers(),
+        )
+
+    def settings(self) -> PipelineSettings:
+        with self.engine.connect() as conn:
+            return read_settings(conn)
+
+    def signer(self, address: str) -> Signer:
+        for s in self.signers:
+            if s.address == address.lower():
+                return s
+        raise KeyError(f"signer {address} is not configured in this process")
+
+
+def lane_lock_key(chain_id: int, signer: str) -> str:
+    return f"payments-send-lane:{chain_id}:{signer.lower()}"
+
+
+@contextmanager
+def signer_lanes(engine: Engine, chain_id: int, signers: list[Signer]) -> Iterator[list[Signer]]:
+    """Take the session advisory lock of every signer lane that no other send run holds, and yield those
+    signers. The locks live on one dedicated connection with no transaction open, so they are released
+    when the run ends or its process dies (the connection closes)."""
+    with engine.connect() as conn:
+        conn.commit()
+        owned = [s for s in signers if _try_lock(conn, lane_lock_key(chain_id, s.address))]
+        conn.commit()
+        try:
+            yield owned
+        finally:
+            for s in owned:
+                conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"),
+                             {"k": lane_lock_key(chain_id, s.address)})
+            conn.commit()
+
+
+def _try_lock(conn: Connection, key: str) -> bool:
+    return bool(conn.execute(text("SELECT pg_try_advisory_lock(hashtextextended(:k, 0))"), {"k": key}).scalar())
+
+
+def chunked(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def retry_on_rpc_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry transport-level RPC failures only, never logic errors."""
+    try:
+        state.result()
+    except RpcError:
+        return True
+    except Exception:
+        return False
+    return False
