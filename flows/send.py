@@ -1,0 +1,94 @@
+"""`send-payments`: the seed's batch loop, as a Prefect flow.
+
+A scheduled run ticks every `payment_batch_interval_ms` for `send_run_seconds`, then ends before the
+next run is due (a Prefect schedule cannot tick every 4 s on its own: each run is a fresh process).
+A tick that filled its batch starts the next one at once, so a backlog drains at full speed.
+Each run owns the signer lanes it could lock; a second run finds them busy and leaves them alone."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from prefect import flow, unmapped
+from prefect.runtime import flow_run
+from pydantic import Field
+
+from payments.settings import PipelineSettings
+from tasks.common import Pipeline, chunked, new_owner_id, run_logger, signer_lanes
+from tasks.send import (
+    BROADCAST_CHUNK,
+    SendReport,
+    broadcast_chunk_task,
+    prepare_lane_batch_task,
+    release_expired_leases,
+)
+
+
+def _merge(total: SendReport, part: SendReport) -> None:
+    for key, value in asdict(part).items():
+        if isinstance(value, int):
+            setattr(total, key, getattr(total, key) + value)
+
+
+def send_tick(p: Pipeline, lanes: list[Any], owner: str, settings: PipelineSettings) -> SendReport:
+    """One tick over every owned lane: prepare each lane (concurrently), then broadcast in chunks."""
+    report = SendReport()
+    expired = release_expired_leases(p, owner)
+    prepared = [prepare_lane_batch_task.submit(p, signer, owner, settings) for signer in lanes]
+    chunks: list[list[tuple[str, str]]] = []
+    for future in prepared:
+        part, pairs = future.result()
+        _merge(report, part)
+        chunks += chunked(pairs, BROADCAST_CHUNK)
+    broadcasts = broadcast_chunk_task.map(unmapped(p), unmapped(owner), chunks) if chunks else []
+    for done in broadcasts:
+        sent, refused = done.result()
+        report.sent += sent
+        report.not_accepted += refused
+    log = run_logger()
+    if expired:
+        log.warning("Requeued %d payments whose send lease expired before signing", len(expired))
+    if report.claimed or report.resumed:
+        log.info("✅ Batch complete: %d succeeded", report.sent)
+    return report
+
+
+@flow(name="send-payments")
+def send_payments(
+    run_seconds: Annotated[int | None, Field(ge=0, le=3600)] = None,
+    max_ticks: Annotated[int | None, Field(ge=1, le=100_000)] = None,
+) -> dict[str, int]:
+    """Claim, simulate, sign, persist and broadcast pending payments for `run_seconds`
+    (default: system_settings.send_run_seconds; 0 = a single tick)."""
+    p = Pipeline.from_env()
+    settings = p.settings()
+    window = settings.send_run_seconds if run_seconds is None else run_seconds
+    owner = new_owner_id(f"send-{flow_run.get_id() or 'local'}")
+    total = SendReport()
+    log = run_logger()
+    with signer_lanes(p.engine, p.chain_id, p.signers) as lanes:
+        if not lanes:
+            log.info("Every signer lane is held by another send run; nothing to do")
+            return asdict_counts(total)
+        deadline = time.monotonic() + window
+        ticks = 0
+        while True:
+            started = time.monotonic()
+            settings = p.settings()
+            report = send_tick(p, lanes, owner, settings)
+            _merge(total, report)
+            ticks += 1
+            if max_ticks is not None and ticks >= max_ticks:
+                break
+            full = report.claimed >= settings.payment_batch_size * len(lanes)
+            pause = 0.0 if full else max(0.0, settings.payment_batch_interval_ms / 1000 - (time.monotonic() - started))
+            if time.monotonic() + pause >= deadline:
+                break
+            time.sleep(pause)
+    return asdict_counts(total)
+
+
+def asdict_counts(report: Any) -> dict[str, int]:
+    return {k: v for k, v in asdict(report).items() if isinstance(v, int)}
