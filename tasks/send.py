@@ -30,6 +30,7 @@ from payments.chain import (
 from payments.config import Signer
 from payments.db import fetch_all, query, transaction
 from payments.errors import RpcError
+from payments.faults import AFTER_BROADCAST, AFTER_PERSIST, failpoint
 from payments.settings import PipelineSettings
 from payments.statuses import TxKind
 from tasks.common import Pipeline, chunked, retry_on_rpc_error, run_logger
@@ -253,6 +254,7 @@ def broadcast_and_mark_sent(p: Pipeline, actor: str, pairs: list[tuple[str, str]
     The rest stay `processing` with the node's answer noted; their lease expiry brings them back to
     `resume_unbroadcast`, which sends the same bytes again."""
     results = broadcast_stored(p, actor, [h for _, h in pairs])
+    failpoint(AFTER_BROADCAST)
     accepted = [pid for pid, h in pairs if h in results and broadcast_accepted(results[h])]
     refused = {pid: f"broadcast not accepted: {results[h].message}"[:500]
                for pid, h in pairs if h in results and not broadcast_accepted(results[h])}
@@ -300,6 +302,7 @@ def prepare_lane_batch(
             p, owner, list(sim.unknown), "simulation inconclusive: " + next(iter(sim.unknown.values()))[:400]))
     signed = assign_nonces_and_sign(p, signer, owner, claimed, sim)
     report.signed += len(signed)
+    failpoint(AFTER_PERSIST)
     return [(pid, tx.tx_hash) for pid, tx in signed]
 
 

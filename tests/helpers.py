@@ -1,0 +1,55 @@
+"""Shared test helpers: signed payments, queue inspection."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from sqlalchemy import Engine, text
+
+from payments.eip3009 import Authorization, TokenDomain, sign_authorization
+from payments.intake import MintItem, enqueue_payment
+from payments.localstack import PAYMENT_TOKEN_NAME, PAYMENT_TOKEN_VERSION, Deployment
+
+PRICE = 1_000_000
+
+
+def domain(dep: Deployment) -> TokenDomain:
+    return TokenDomain(PAYMENT_TOKEN_NAME, PAYMENT_TOKEN_VERSION, dep.chain_id, dep.payment_token)
+
+
+def authorize(dep: Deployment, buyer: LocalAccount, *, value: int = PRICE, valid_after: int = 0,
+              valid_before: int | None = None, nonce: str | None = None, pay_to: str | None = None) -> Authorization:
+    return sign_authorization(buyer.key, domain(dep), pay_to=pay_to or dep.merchant, value=value,
+                              valid_after=valid_after, valid_before=valid_before or int(time.time()) + 3600,
+                              nonce=nonce)
+
+
+def queue(engine: Engine, dep: Deployment, auth: Authorization, recipient: str | None = None) -> str:
+    pid, _ = enqueue_payment(engine, chain_id=dep.chain_id, token=dep.payment_token, auth=auth,
+                             mints=[MintItem(dep.mint_token, recipient or auth.payer, 10**18)])
+    return pid
+
+
+def queue_many(engine: Engine, dep: Deployment, n: int) -> list[str]:
+    return [queue(engine, dep, authorize(dep, dep.buyers[i % len(dep.buyers)])) for i in range(n)]
+
+
+def statuses(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return {str(s): int(n) for s, n in conn.execute(text("SELECT status, count(*) FROM payment_queue GROUP BY 1"))}
+
+
+def payment(engine: Engine, pid: str) -> dict[str, Any]:
+    with engine.connect() as conn:
+        return dict(conn.execute(text("SELECT * FROM payment_queue WHERE id = :id"), {"id": pid}).one()._mapping)
+
+
+def mint_statuses(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return {str(s): int(n) for s, n in conn.execute(text("SELECT status, count(*) FROM mint_queue GROUP BY 1"))}
+
+
+def balance(dep: Deployment, who: str) -> int:
+    return int(dep.payment_contract().functions.balanceOf(dep.w3().to_checksum_address(who)).call())

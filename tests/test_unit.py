@@ -1,0 +1,199 @@
+"""Pure logic: no database, no chain."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from eth_abi.abi import encode
+from eth_account import Account
+
+from payments.chain import (
+    Fees,
+    RpcResult,
+    broadcast_accepted,
+    failure_code,
+    fees_from,
+    revert_reason,
+    split_signature,
+    transfer_with_authorization_data,
+)
+from payments.config import signer_from_key
+from payments.db import parse_queries
+from payments.eip3009 import TokenDomain, recover_payer, sign_authorization
+from payments.errors import ConfigurationError, InvalidPaymentError
+from payments.intake import MintItem, validate
+from payments.settings import PipelineSettings, parse_settings
+from payments.statuses import PaymentStatus
+from tasks.confirm import ChainView, Receipt, SentPayment, Verdict, judge, unlandable_reason
+
+KEY = "0x" + "11" * 32
+DOMAIN = TokenDomain("USD Coin", "2", 31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3")
+
+
+def test_parse_queries_splits_named_blocks() -> None:
+    q = parse_queries("-- a --\nSELECT 1\n\n-- b_2 --\nSELECT 2\n")
+    assert q == {"a": "SELECT 1", "b_2": "SELECT 2"}
+
+
+def test_parse_queries_rejects_duplicates_and_empty() -> None:
+    with pytest.raises(ValueError, match="twice"):
+        parse_queries("-- a --\nSELECT 1\n-- a --\nSELECT 2\n")
+    with pytest.raises(ValueError, match="empty"):
+        parse_queries("-- a --\n\n-- b --\nSELECT 1")
+
+
+def test_settings_defaults_are_the_seeds() -> None:
+    s = parse_settings({})
+    assert (s.payment_batch_interval_ms, s.payment_batch_size) == (4000, 10)
+    assert (s.confirmation_interval_ms, s.confirmation_batch_size, s.confirmation_timeout_seconds) == (2000, 20, 300)
+
+
+def test_settings_reject_bad_values() -> None:
+    with pytest.raises(ConfigurationError, match="not an integer"):
+        parse_settings({"payment_batch_size": "ten"})
+    with pytest.raises(ConfigurationError, match="outside"):
+        parse_settings({"payment_batch_size": "0"})
+    with pytest.raises(ConfigurationError, match="fee_bump_percent"):
+        parse_settings({"fee_bump_percent": "5"})  # geth refuses replacements below +10 %
+    assert parse_settings({"unrelated_monitor_threshold": "x"}) == PipelineSettings()
+
+
+def test_fee_bump_raises_both_fees_by_at_least_ten_percent() -> None:
+    old = Fees(max_fee_per_gas=1_000, max_priority_fee_per_gas=100)
+    new = old.bumped(10)
+    assert new.max_fee_per_gas >= 1_100 and new.max_priority_fee_per_gas >= 110
+    floor = Fees(max_fee_per_gas=5_000, max_priority_fee_per_gas=400)
+    assert old.bumped(10, floor) == Fees(5_000, 400)
+    assert fees_from(base_fee=7, priority_fee=0) == Fees(max_fee_per_gas=15, max_priority_fee_per_gas=1)
+
+
+def test_split_signature_normalises_v() -> None:
+    sig = "0x" + "aa" * 32 + "bb" * 32 + "01"
+    v, r, s = split_signature(sig)
+    assert v == 28 and r == bytes.fromhex("aa" * 32) and s == bytes.fromhex("bb" * 32)
+    with pytest.raises(ValueError):
+        split_signature("0x1234")
+
+
+def test_transfer_with_authorization_calldata_matches_abi_encoding() -> None:
+    auth = sign_authorization(KEY, DOMAIN, pay_to="0x" + "22" * 20, value=5, valid_after=1, valid_before=9,
+                              nonce="0x" + "33" * 32)
+    data = transfer_with_authorization_data(auth.payer, auth.pay_to, 5, 1, 9, auth.nonce, auth.signature)
+    v, r, s = split_signature(auth.signature)
+    expected = encode(["address", "address", "uint256", "uint256", "uint256", "bytes32", "uint8", "bytes32",
+                       "bytes32"], [auth.payer, auth.pay_to, 5, 1, 9, bytes.fromhex("33" * 32), v, r, s])
+    assert data[:4].hex() == "e3ee160e" and data[4:] == expected
+
+
+def test_authorization_signature_recovers_the_payer_and_detects_tampering() -> None:
+    auth = sign_authorization(KEY, DOMAIN, pay_to="0x" + "22" * 20, value=5, valid_after=0, valid_before=99)
+    assert recover_payer(DOMAIN, auth) == auth.payer
+    assert recover_payer(DOMAIN, dataclasses.replace(auth, value=6)) != auth.payer
+    other_chain = dataclasses.replace(DOMAIN, chain_id=1)
+    assert recover_payer(other_chain, auth) != auth.payer
+
+
+def test_revert_reason_from_error_data_and_message() -> None:
+    data = "0x08c379a0" + encode(["string"], ["FiatTokenV2: authorization is expired"]).hex()
+    assert revert_reason({"code": 3, "message": "execution reverted", "data": data}) == (
+        "FiatTokenV2: authorization is expired")
+    assert revert_reason({"message": "execution reverted: ERC20: transfer amount exceeds balance"}) == (
+        "ERC20: transfer amount exceeds balance")
+
+
+@pytest.mark.parametrize(("reason", "code"), [
+    ("FiatTokenV2: authorization is expired", "invalid_exact_evm_payload_authorization_valid_before"),
+    ("FiatTokenV2: authorization is not yet valid", "invalid_exact_evm_payload_authorization_valid_after"),
+    ("FiatTokenV2: authorization is used or canceled", "invalid_exact_evm_nonce_already_used"),
+    ("FiatTokenV2: invalid signature", "invalid_exact_evm_payload_signature"),
+    ("ERC20: transfer amount exceeds balance", "invalid_exact_evm_insufficient_balance"),
+    ("something else", "invalid_exact_evm_transaction_simulation_failed"),
+])
+def test_failure_codes_use_x402_reason_names(reason: str, code: str) -> None:
+    assert failure_code(reason) == code
+
+
+def test_rebroadcast_answers_that_mean_success() -> None:
+    assert broadcast_accepted(RpcResult(result="0xabc"))
+    assert broadcast_accepted(RpcResult(error={"message": "already known"}))
+    assert broadcast_accepted(RpcResult(error={"message": "nonce too low: next nonce 5, tx nonce 4"}))
+    assert not broadcast_accepted(RpcResult(error={"message": "insufficient funds for gas * price + value"}))
+    assert not broadcast_accepted(RpcResult(error={"message": "replacement transaction underpriced"}))
+
+
+def _sent(**over: object) -> SentPayment:
+    base = dict(id="pay_00000001", payer="0x" + "01" * 20, token="0x" + "02" * 20, pay_to="0x" + "03" * 20,
+                amount=1, valid_after=0, valid_before=2_000_000_000, auth_nonce="0x" + "04" * 32,
+                signature="0x" + "05" * 65, signer="0x" + "06" * 20, tx_nonce=7, age_seconds=5.0,
+                hashes=("0xa", "0xb"), latest_hash="0xb", latest_age_seconds=5.0, last_broadcast_age_seconds=5.0,
+                fees=Fees(100, 10), gas_limit=100_000)
+    base.update(over)
+    return SentPayment(**base)  # type: ignore[arg-type]
+
+
+SETTINGS = PipelineSettings(confirmation_depth=2, confirmation_timeout_seconds=300, rebroadcast_after_seconds=30)
+
+
+def test_judge_completes_only_at_depth() -> None:
+    ok = {"0xa": Receipt("0xa", 1, 100)}
+    assert judge(_sent(), ok, head=100, settings=SETTINGS)[0] is Verdict.WAIT
+    assert judge(_sent(), ok, head=101, settings=SETTINGS)[0] is Verdict.COMPLETE
+
+
+def test_judge_prefers_a_successful_hash_and_reports_reverts() -> None:
+    mixed = {"0xa": Receipt("0xa", 0, 100), "0xb": Receipt("0xb", 1, 100)}
+    verdict, receipt = judge(_sent(), mixed, head=110, settings=SETTINGS)
+    assert verdict is Verdict.COMPLETE and receipt is not None and receipt.tx_hash == "0xb"
+    assert judge(_sent(), {"0xa": Receipt("0xa", 0, 100)}, head=110, settings=SETTINGS)[0] is Verdict.REVERTED
+
+
+def test_judge_without_receipt_waits_rebroadcasts_then_reconciles() -> None:
+    assert judge(_sent(), {}, head=1, settings=SETTINGS)[0] is Verdict.WAIT
+    assert judge(_sent(last_broadcast_age_seconds=31.0), {}, 1, SETTINGS)[0] is Verdict.REBROADCAST
+    assert judge(_sent(last_broadcast_age_seconds=None), {}, 1, SETTINGS)[0] is Verdict.REBROADCAST
+    assert judge(_sent(age_seconds=301.0), {}, 1, SETTINGS)[0] is Verdict.RECONCILE
+
+
+def test_unlandable_only_with_proof() -> None:
+    alive = ChainView(mined_nonce_count=7, authorization_used=False, head_timestamp=1_000, receipts={})
+    assert unlandable_reason(_sent(), alive) is None
+    consumed = dataclasses.replace(alive, mined_nonce_count=8)
+    assert "consumed" in (unlandable_reason(_sent(), consumed) or "")
+    expired = dataclasses.replace(alive, head_timestamp=2_000_000_000)
+    assert "expired" in (unlandable_reason(_sent(), expired) or "")
+    # used authorization and expiry: it may have landed through one of our hashes -> no verdict here
+    assert unlandable_reason(_sent(), dataclasses.replace(expired, authorization_used=True)) is None
+    mined = dataclasses.replace(consumed, receipts={"0xa": Receipt("0xa", 1, 5)})
+    assert unlandable_reason(_sent(), mined) is None
+
+
+def test_signer_never_shows_its_key() -> None:
+    signer = signer_from_key(KEY)
+    assert KEY[2:] not in repr(signer) and signer.address == Account.from_key(KEY).address.lower()
+    with pytest.raises(ConfigurationError) as err:
+        signer_from_key("0x" + "zz" * 32)
+    assert "zz" not in str(err.value)
+
+
+def test_intake_validation_rejects_malformed_input() -> None:
+    auth = sign_authorization(KEY, DOMAIN, pay_to="0x" + "22" * 20, value=5, valid_after=0, valid_before=99)
+    validate(auth, [MintItem("0x" + "44" * 20, auth.payer, 1)])
+    bad = [
+        dataclasses.replace(auth, pay_to="0x1234"),
+        dataclasses.replace(auth, value=0),
+        dataclasses.replace(auth, value=2**256),
+        dataclasses.replace(auth, valid_before=0),
+        dataclasses.replace(auth, nonce="0x12"),
+        dataclasses.replace(auth, signature="0x" + "00" * 10),
+    ]
+    for b in bad:
+        with pytest.raises(InvalidPaymentError):
+            validate(b, [])
+    with pytest.raises(InvalidPaymentError):
+        validate(auth, [MintItem("0x" + "44" * 20, "nobody", 1)])
+
+
+def test_failure_statuses_are_what_clients_poll_for() -> None:
+    assert {s for s in PaymentStatus if s.is_failure} == {"failed", "confirmation_failed"}
+    assert {s for s in PaymentStatus if s.is_terminal} == {"completed", "failed", "confirmation_failed"}
