@@ -187,7 +187,7 @@ def test_constraints_tie_columns_to_statuses(engine: Engine) -> None:
     bad_updates = [
         "UPDATE payment_queue SET status = 'sent', sent_at = now(), processed_at = now() WHERE id = :i",
         "UPDATE payment_queue SET status = 'completed' WHERE id = :i",
-        "UPDATE payment_queue SET tx_hash = '0x" + "1" * 64 + "', tx_nonce = 1, signer = '" + SIGNER + "' WHERE id = :i",
+        f"UPDATE payment_queue SET tx_hash = '0x{'1' * 64}', tx_nonce = 1, signer = '{SIGNER}' WHERE id = :i",
         "UPDATE payment_queue SET status = 'processing' WHERE id = :i",
         "UPDATE payment_queue SET status = 'refunded' WHERE id = :i",
         "UPDATE payment_queue SET tx_nonce = 3 WHERE id = :i",
