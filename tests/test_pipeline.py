@@ -221,9 +221,11 @@ def test_rpc_outage_gives_claims_back_untouched(embedded_engine: Engine, chain: 
 
 
 def test_a_signer_lane_is_owned_by_one_run_at_a_time(pipeline: Pipeline) -> None:
-    with signer_lanes(pipeline.engine, pipeline.chain_id, pipeline.signers) as first:
-        with signer_lanes(pipeline.engine, pipeline.chain_id, pipeline.signers) as second:
-            assert len(first) == 2 and second == []
+    with (
+        signer_lanes(pipeline.engine, pipeline.chain_id, pipeline.signers) as first,
+        signer_lanes(pipeline.engine, pipeline.chain_id, pipeline.signers) as second,
+    ):
+        assert len(first) == 2 and second == []
     with signer_lanes(pipeline.engine, pipeline.chain_id, pipeline.signers) as again:
         assert len(again) == 2
 
