@@ -40,7 +40,9 @@ def confirm_payments(
             break
         progressed = report.completed + report.confirmation_failed
         full = report.checked >= settings.confirmation_batch_size and progressed > 0
-        pause = 0.0 if full else max(0.0, settings.confirmation_interval_ms / 1000 - (time.monotonic() - started))
+        if full and (window == 0 or time.monotonic() < deadline):
+            continue  # a backlog of receipts to apply: next pass at once
+        pause = max(0.0, settings.confirmation_interval_ms / 1000 - (time.monotonic() - started))
         if time.monotonic() + pause >= deadline:
             break
         time.sleep(pause)

@@ -83,7 +83,9 @@ def send_payments(
             if max_ticks is not None and ticks >= max_ticks:
                 break
             full = report.claimed >= settings.payment_batch_size * len(lanes)
-            pause = 0.0 if full else max(0.0, settings.payment_batch_interval_ms / 1000 - (time.monotonic() - started))
+            if full and (window == 0 or time.monotonic() < deadline):
+                continue  # a backlog: next batch at once (run_seconds=0 drains until a batch is not full)
+            pause = max(0.0, settings.payment_batch_interval_ms / 1000 - (time.monotonic() - started))
             if time.monotonic() + pause >= deadline:
                 break
             time.sleep(pause)

@@ -53,3 +53,9 @@ def mint_statuses(engine: Engine) -> dict[str, int]:
 
 def balance(dep: Deployment, who: str) -> int:
     return int(dep.payment_contract().functions.balanceOf(dep.w3().to_checksum_address(who)).call())
+
+
+def chain_time(dep: Deployment) -> int:
+    """The latest block's timestamp: what `validBefore` is checked against (anvil's clock can lag or lead
+    wall time after snapshots and evm_increaseTime)."""
+    return int(dep.w3().eth.get_block("latest")["timestamp"])

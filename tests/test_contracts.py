@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from typing import Any
 
 import pytest
@@ -13,7 +12,7 @@ from web3.exceptions import ContractLogicError
 from payments.config import REPO_ROOT
 from payments.eip3009 import Authorization
 from payments.localstack import Deployment, send_and_wait
-from tests.helpers import PRICE, authorize, balance, domain
+from tests.helpers import PRICE, authorize, balance, chain_time, domain
 
 TWA_VRS = "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
 TWA_BYTES = "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)"
@@ -53,7 +52,7 @@ def test_transfer_with_authorization_moves_funds_once(chain: Deployment, form: s
 
 @pytest.mark.chain
 def test_expired_and_not_yet_valid_authorizations_revert(chain: Deployment) -> None:
-    now = int(time.time())
+    now = chain_time(chain)
     with pytest.raises(ContractLogicError, match="expired"):
         _settle(chain, authorize(chain, chain.buyers[0], valid_before=now - 10))
     with pytest.raises(ContractLogicError, match="not yet valid"):

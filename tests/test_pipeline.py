@@ -18,7 +18,7 @@ from tasks.common import Pipeline, new_owner_id, signer_lanes
 from tasks.confirm import confirm_tick
 from tasks.send import send_lane_tick
 from tests.conftest import rpc
-from tests.helpers import PRICE, authorize, balance, mint_statuses, payment, queue, queue_many, statuses
+from tests.helpers import PRICE, authorize, balance, chain_time, mint_statuses, payment, queue, queue_many, statuses
 
 pytestmark = pytest.mark.chain
 
@@ -65,7 +65,7 @@ def test_payments_settle_and_release_their_mints_once(pipeline: Pipeline, chain:
 
 
 def test_simulation_failures_are_failed_without_spending_a_nonce(pipeline: Pipeline, chain: Deployment) -> None:
-    now = int(time.time())
+    now = chain_time(chain)
     buyer = chain.buyers[0]
     used = authorize(chain, buyer)
     token = chain.payment_contract()
@@ -158,7 +158,7 @@ def test_stuck_payment_with_expired_authorization_is_confirmation_failed(
 ) -> None:
     rpc(chain, "evm_setAutomine", [False])
     before = balance(chain, chain.merchant)
-    pid = queue(pipeline.engine, chain, authorize(chain, chain.buyers[2], valid_before=int(time.time()) + 120))
+    pid = queue(pipeline.engine, chain, authorize(chain, chain.buyers[2], valid_before=chain_time(chain) + 120))
     _send(pipeline)
     (tx_hash,) = _hashes(pipeline.engine, pid)
     rpc(chain, "anvil_dropTransaction", [tx_hash])

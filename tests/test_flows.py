@@ -1,0 +1,121 @@
+"""Real Prefect flow runs (prefect_test_harness: a temporary Prefect server) over real PostgreSQL and
+anvil: 50 payments end to end, and kill -9 of the process running the send flow at the two moments
+that matter, followed by a restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine, text
+
+from flows.confirm import confirm_payments
+from flows.send import send_payments
+from payments.config import REPO_ROOT
+from payments.faults import AFTER_BROADCAST, AFTER_PERSIST
+from payments.localstack import Deployment, create_database
+from payments.prefect_server import start_prefect_server
+from payments.settings import write_setting
+from tests.conftest import _server
+from tests.helpers import PRICE, balance, mint_statuses, queue_many, statuses
+
+pytestmark = [pytest.mark.flow, pytest.mark.chain]
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """A real Prefect server on the embedded PostgreSQL (prefect_test_harness would put it on SQLite,
+    which answers "database is locked" while flows record task runs in parallel)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    admin = _server("embedded").admin_uri
+    server = start_prefect_server(create_database(admin, "prefect_tests", drop=True))
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def flow_env(
+    prefect_api: str, chain: Deployment, embedded_db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    env = {
+        "DATABASE_URL": embedded_db_url,
+        "RPC_URL": chain.rpc_url,
+        "SIGNER_PRIVATE_KEYS": ",".join("0x" + bytes(s.key).hex() for s in chain.signers),
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return {**os.environ, **env, "PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_LEVEL": "WARNING"}
+
+
+def _nonce_report(engine: Engine) -> list[tuple[str, list[int]]]:
+    with engine.connect() as conn:
+        return [(str(s), list(n)) for s, n in conn.execute(text(
+            "SELECT signer, array_agg(tx_nonce ORDER BY tx_nonce) FROM payment_queue GROUP BY signer"))]
+
+
+def _assert_settled_exactly_once(engine: Engine, chain: Deployment, n: int, before: int) -> None:
+    assert statuses(engine) == {"completed": n}
+    assert mint_statuses(engine) == {"released": n}
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(DISTINCT payment_id) FROM mint_queue")).scalar_one() == n
+    assert balance(chain, chain.merchant) == before + n * PRICE  # paid once each, never twice
+    w3 = chain.w3()
+    for signer, nonces in _nonce_report(engine):
+        assert nonces == list(range(len(nonces))), "a nonce was skipped or reused"
+        assert w3.eth.get_transaction_count(w3.to_checksum_address(signer)) == len(nonces)
+
+
+def test_fifty_payments_end_to_end_through_prefect(flow_env: dict[str, str], chain: Deployment,
+                                                   embedded_engine: Engine) -> None:
+    before = balance(chain, chain.merchant)
+    queue_many(embedded_engine, chain, 50)
+    sent = send_payments(run_seconds=0, max_ticks=10)
+    assert sent["sent"] == 50 and sent["failed"] == 0
+    confirmed = confirm_payments(run_seconds=0, max_ticks=10)
+    assert confirmed["completed"] == 50
+    _assert_settled_exactly_once(embedded_engine, chain, 50, before)
+
+
+def _run_send_process(env: dict[str, str], failpoint: str | None) -> int:
+    code = "from flows.send import send_payments; send_payments(run_seconds=0, max_ticks=1)"
+    child_env = dict(env)
+    if failpoint:
+        child_env["PAYMENTS_FAILPOINT"] = failpoint
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=child_env, timeout=180,
+                            capture_output=True, text=True)
+    return result.returncode
+
+
+@pytest.mark.crash
+@pytest.mark.parametrize("point", [AFTER_PERSIST, AFTER_BROADCAST])
+def test_kill_9_of_the_send_flow_loses_nothing_and_pays_nothing_twice(
+    point: str, flow_env: dict[str, str], chain: Deployment, embedded_engine: Engine
+) -> None:
+    before = balance(chain, chain.merchant)
+    with embedded_engine.begin() as conn:
+        write_setting(conn, "payment_batch_size", 100)
+    queue_many(embedded_engine, chain, 20)
+    assert _run_send_process(flow_env, point) == -signal.SIGKILL
+    assert statuses(embedded_engine) == {"processing": 20}  # the run died before writing `sent`
+    with embedded_engine.connect() as conn:
+        signed = conn.execute(text("SELECT count(*) FROM payment_transactions")).scalar_one()
+    # nonce, raw tx and hash were committed before the kill (the other lane may not have got that far)
+    assert 1 <= signed <= 20
+    # the dead run's leases run out (fast-forwarded here instead of waiting processing_lease_seconds)
+    with embedded_engine.begin() as conn:
+        conn.execute(text("UPDATE payment_queue SET lease_expires_at = now() - interval '1 second'"))
+    assert _run_send_process(flow_env, None) == 0
+    assert statuses(embedded_engine) == {"sent": 20}
+    confirm_payments(run_seconds=0, max_ticks=5)
+    _assert_settled_exactly_once(embedded_engine, chain, 20, before)
+    with embedded_engine.connect() as conn:
+        # the bytes signed before the kill were sent again as they were: one transaction per payment
+        assert conn.execute(text("SELECT count(*) FROM payment_transactions")).scalar_one() == 20
