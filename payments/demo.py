@@ -121,6 +121,7 @@ def run(payments: int, timeout: float) -> int:
         from prefect.deployments import run_deployment
 
         from deployments.serve import CONFIRM_DEPLOYMENT, SEND_DEPLOYMENT
+        triggered = time.time()
         _trigger(run_deployment, [SEND_DEPLOYMENT, CONFIRM_DEPLOYMENT], serve)
 
         deadline = time.monotonic() + timeout
@@ -140,6 +141,9 @@ def run(payments: int, timeout: float) -> int:
         with engine.connect() as conn:
             released = int(conn.execute(text("SELECT count(*) FROM mint_queue WHERE status = 'released'")).scalar_one())
     completed = counts.get("completed", 0)
+    if timing["first_claim"] is not None:
+        print(f"\nThe first served send run claimed {timing['first_claim'].timestamp() - triggered:.1f} s after it was "
+              "triggered (each served run is a fresh process).")
     first, last_sent, last_confirmed = timing["first_claim"], timing["last_sent"], timing["last_confirmed"]
     to_sent = (last_sent - first).total_seconds() if first and last_sent else None
     to_completed = (last_confirmed - first).total_seconds() if first and last_confirmed else None
