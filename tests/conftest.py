@@ -79,13 +79,17 @@ def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
             conn.execute(f'DROP DATABASE IF EXISTS "{server.template}" WITH (FORCE)')
 
 
-@pytest.fixture(params=SERVERS)
-def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh migrated database on every available server (embedded, and the CI service)."""
-    server = _server(request.param)
+def _fresh(kind: str) -> Iterator[str]:
+    server = _server(kind)
     url = server.fresh_database()
     yield url
     server.drop(url)
+
+
+@pytest.fixture(params=SERVERS)
+def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh migrated database on every available server (embedded, and the CI service)."""
+    yield from _fresh(request.param)
 
 
 @pytest.fixture
@@ -97,10 +101,8 @@ def engine(db_url: str) -> Iterator[Engine]:
 
 @pytest.fixture
 def embedded_db_url() -> Iterator[str]:
-    server = _server("embedded")
-    url = server.fresh_database()
-    yield url
-    server.drop(url)
+    """A fresh migrated database on the embedded server (tests that also need anvil)."""
+    yield from _fresh("embedded")
 
 
 @pytest.fixture
