@@ -13,8 +13,10 @@ from typing import cast
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import RunnerDeployment
+from sqlalchemy import text
 
 from flows.confirm import confirm_payments
+from flows.monitor import monitor_payments
 from flows.send import send_payments
 from payments.config import require_env
 from payments.db import engine_for
@@ -24,7 +26,7 @@ SEND_DEPLOYMENT = "send-payments/send"
 CONFIRM_DEPLOYMENT = "confirm-payments/confirm"
 
 
-def build_deployments(settings: PipelineSettings) -> list[RunnerDeployment]:
+def build_deployments(settings: PipelineSettings, monitor_interval_seconds: int = 30) -> list[RunnerDeployment]:
     # Two overlapping runs are harmless (signer lane locks, SKIP LOCKED claims, guarded updates);
     # more than two would only queue up behind each other.
     limit = ConcurrencyLimitConfig(limit=2, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
@@ -42,13 +44,22 @@ def build_deployments(settings: PipelineSettings) -> list[RunnerDeployment]:
         tags=["payments", "confirm"],
         description="Apply receipts, release mints, handle stuck transactions (ticks every confirmation_interval_ms)",
     )
-    return [cast(RunnerDeployment, send), cast(RunnerDeployment, confirm)]
+    monitor = monitor_payments.to_deployment(
+        name="monitor",
+        interval=timedelta(seconds=monitor_interval_seconds),
+        concurrency_limit=1,
+        tags=["payments", "monitor"],
+        description="Queue depth, sent age, confirmation rate, processing time against the alert thresholds",
+    )
+    return [cast(RunnerDeployment, d) for d in (send, confirm, monitor)]
 
 
 def main() -> None:
     with engine_for(require_env("DATABASE_URL")).connect() as conn:
         settings = read_settings(conn)
-    serve(*build_deployments(settings), limit=4)
+        monitor_every = conn.execute(text(
+            "SELECT value FROM system_settings WHERE key = 'monitor_interval_seconds'")).scalar_one_or_none()
+    serve(*build_deployments(settings, max(int(monitor_every or 30), 5)), limit=6)
 
 
 if __name__ == "__main__":

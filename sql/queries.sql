@@ -208,3 +208,16 @@ RETURNING id
 
 -- status_counts --
 SELECT status, count(*) AS n FROM payment_queue GROUP BY status
+
+-- monitor_open_payments --
+-- Payments the monitor judges by age: everything not yet terminal.
+SELECT id, status, created_at, processed_at, sent_at, lease_expires_at
+FROM payment_queue
+WHERE status IN ('pending', 'processing', 'sent')
+
+-- monitor_recent_outcomes --
+-- Payments that reached a terminal state inside the window.
+SELECT id, status, created_at, processed_at, confirmed_at, updated_at
+FROM payment_queue
+WHERE status IN ('completed', 'failed', 'confirmation_failed')
+  AND updated_at >= coalesce(CAST(:now AS timestamptz), now()) - make_interval(mins => :window_minutes)

@@ -119,3 +119,18 @@ def test_kill_9_of_the_send_flow_loses_nothing_and_pays_nothing_twice(
     with embedded_engine.connect() as conn:
         # the bytes signed before the kill were sent again as they were: one transaction per payment
         assert conn.execute(text("SELECT count(*) FROM payment_transactions")).scalar_one() == 20
+
+
+def test_monitor_flow_publishes_metrics_to_the_ui(flow_env: dict[str, str], chain: Deployment,
+                                                  embedded_engine: Engine) -> None:
+    from prefect.artifacts import Artifact
+
+    from flows.monitor import monitor_payments
+
+    queue_many(embedded_engine, chain, 3)
+    result = monitor_payments()
+    assert result["metrics"]["queue_depth"] == 3 and result["alerts"] == []
+    summary = Artifact.get("payment-queue-summary")
+    table = Artifact.get("payment-queue-metrics")
+    assert summary is not None and "queue depth (pending) | 3 |" in str(summary.data)
+    assert table is not None and '"queue_depth": 3' in str(table.data).replace("'", '"')

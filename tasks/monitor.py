@@ -1,0 +1,137 @@
+"""The seed's monitoring metrics, computed with pandas from SQL, and the alert thresholds.
+
+queue depth (pending), age in `sent` (mean, p95, max), confirmation rate
+completed / (completed + confirmation_failed) over a window, processing time processed_at - created_at
+(p50, p95), counts per status, payments stuck past the timeout."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import Connection, text
+
+from payments.db import query
+from payments.statuses import PaymentStatus
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    sent_age_seconds: float = 60
+    confirmation_rate_min: float = 0.90
+    processing_time_seconds: float = 60
+    stuck_seconds: float = 300
+    window_minutes: int = 60
+
+    @classmethod
+    def from_settings(cls, rows: dict[str, str]) -> Thresholds:
+        d = cls()
+        return cls(
+            sent_age_seconds=float(rows.get("alert_sent_age_seconds", d.sent_age_seconds)),
+            confirmation_rate_min=float(rows.get("alert_confirmation_rate_min", d.confirmation_rate_min)),
+            processing_time_seconds=float(rows.get("alert_processing_time_seconds", d.processing_time_seconds)),
+            stuck_seconds=float(rows.get("alert_stuck_seconds", d.stuck_seconds)),
+            window_minutes=int(rows.get("monitor_window_minutes", d.window_minutes)),
+        )
+
+
+@dataclass(frozen=True)
+class QueueMetrics:
+    counts: dict[str, int]
+    queue_depth: int
+    sent_age_mean: float | None
+    sent_age_p95: float | None
+    sent_age_max: float | None
+    confirmation_rate: float | None
+    processing_time_p50: float | None
+    processing_time_p95: float | None
+    stuck_sent: int
+    stuck_processing: int
+
+    def as_row(self) -> dict[str, Any]:
+        row = asdict(self)
+        row.update({f"count_{k}": v for k, v in row.pop("counts").items()})
+        return row
+
+
+def _seconds(delta: pd.Series) -> pd.Series:
+    return delta.dt.total_seconds()
+
+
+def _stat(series: pd.Series, how: str) -> float | None:
+    if series.empty:
+        return None
+    value = series.quantile(0.95) if how == "p95" else series.quantile(0.5) if how == "p50" else getattr(series, how)()
+    return round(float(value), 3)
+
+
+def read_thresholds(conn: Connection) -> Thresholds:
+    rows = {str(k): str(v) for k, v in conn.execute(text("SELECT key, value FROM system_settings"))}
+    return Thresholds.from_settings(rows)
+
+
+def compute_metrics(conn: Connection, thresholds: Thresholds, now: datetime | None = None) -> QueueMetrics:
+    """All metrics from two reads: open payments (by age) and recent outcomes (by window)."""
+    clock = pd.Timestamp(now) if now is not None else pd.Timestamp(conn.execute(text("SELECT now()")).scalar_one())
+    counts = {s.value: 0 for s in PaymentStatus}
+    counts.update({str(s): int(n) for s, n in conn.execute(query("status_counts"))})
+    open_rows = pd.DataFrame(conn.execute(query("monitor_open_payments")).mappings().all(),
+                             columns=["id", "status", "created_at", "processed_at", "sent_at", "lease_expires_at"])
+    recent = pd.DataFrame(
+        conn.execute(query("monitor_recent_outcomes"), {"now": now, "window_minutes": thresholds.window_minutes})
+        .mappings().all(),
+        columns=["id", "status", "created_at", "processed_at", "confirmed_at", "updated_at"],
+    )
+    sent = open_rows[open_rows["status"] == "sent"]
+    sent_age = (_seconds(clock - pd.to_datetime(sent["sent_at"], utc=True)) if not sent.empty
+                else pd.Series([], dtype=float))
+    processing = open_rows[open_rows["status"] == "processing"]
+    # a processing row whose lease has run out belongs to a send run that died and was not yet recovered
+    leases = pd.to_datetime(processing["lease_expires_at"], utc=True)
+    stuck_processing = int((leases < clock).sum()) if not processing.empty else 0
+    outcomes = recent["status"].value_counts()
+    completed = int(outcomes.get("completed", 0))
+    conf_failed = int(outcomes.get("confirmation_failed", 0))
+    rate = round(completed / (completed + conf_failed), 4) if completed + conf_failed else None
+    processed = recent.dropna(subset=["processed_at"])
+    processing_time = (_seconds(pd.to_datetime(processed["processed_at"], utc=True)
+                                - pd.to_datetime(processed["created_at"], utc=True))
+                       if not processed.empty else pd.Series([], dtype=float))
+    return QueueMetrics(
+        counts=counts,
+        queue_depth=counts["pending"],
+        sent_age_mean=_stat(sent_age, "mean"),
+        sent_age_p95=_stat(sent_age, "p95"),
+        sent_age_max=_stat(sent_age, "max"),
+        confirmation_rate=rate,
+        processing_time_p50=_stat(processing_time, "p50"),
+        processing_time_p95=_stat(processing_time, "p95"),
+        stuck_sent=int((sent_age > thresholds.stuck_seconds).sum()) if not sent_age.empty else 0,
+        stuck_processing=stuck_processing,
+    )
+
+
+@dataclass(frozen=True)
+class Alert:
+    key: str
+    message: str
+
+
+def evaluate_alerts(m: QueueMetrics, t: Thresholds) -> list[Alert]:
+    """The seed's alert rules; pure, so every rule has a unit test."""
+    alerts: list[Alert] = []
+    if m.sent_age_max is not None and m.sent_age_max > t.sent_age_seconds:
+        alerts.append(Alert("sent_age", f"a payment has been in sent for {m.sent_age_max:.0f} s "
+                                        f"(threshold {t.sent_age_seconds:.0f} s)"))
+    if m.confirmation_rate is not None and m.confirmation_rate < t.confirmation_rate_min:
+        alerts.append(Alert("confirmation_rate", f"confirmation rate {m.confirmation_rate:.1%} "
+                                                 f"below {t.confirmation_rate_min:.0%}"))
+    if m.processing_time_p95 is not None and m.processing_time_p95 > t.processing_time_seconds:
+        alerts.append(Alert("processing_time", f"p95 processing time {m.processing_time_p95:.0f} s "
+                                               f"above {t.processing_time_seconds:.0f} s"))
+    if m.stuck_sent or m.stuck_processing:
+        alerts.append(Alert("stuck", f"{m.stuck_sent} payment(s) in sent for more than {t.stuck_seconds:.0f} s, "
+                                     f"{m.stuck_processing} in processing with an expired lease"))
+    return alerts

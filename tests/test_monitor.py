@@ -1,0 +1,89 @@
+"""Monitoring metrics against a seeded queue with known answers, and the alert rules."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sqlalchemy import Engine, text
+
+from flows.monitor import summary_markdown
+from payments.db import fetch_all, transaction
+from tasks.monitor import QueueMetrics, Thresholds, compute_metrics, evaluate_alerts, read_thresholds
+from tests.test_db import _attach, _claim, _queue
+
+ZERO = "0x" + "0" * 64
+
+
+def _seed(engine: Engine) -> None:
+    """10 payments: 3 pending; 1 processing whose lease expired (a dead run); 2 sent (10 and 20 s ago);
+    3 completed (processing times 4, 6, 8 s); 1 confirmation_failed (processing time 10 s)."""
+    ids = _queue(engine, 10)
+    assert sorted(_claim(engine, "run", 8)) == sorted(ids[:8])
+    _attach(engine, "run", ids[1:8])
+    with transaction(engine, "run") as conn:
+        fetch_all(conn, "release_processing_payments", ids=[ids[0]], owner="run", error="test")
+        fetch_all(conn, "mark_sent", ids=ids[2:8])
+    sent, done, failed = ids[2:4], ids[4:7], ids[7]
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE payment_queue SET lease_expires_at = now() - interval '1 minute' WHERE id = :i"),
+                     {"i": ids[1]})
+        for pid, age in zip(sent, (10, 20), strict=True):
+            conn.execute(text("UPDATE payment_queue SET sent_at = now() - make_interval(secs => :a) WHERE id = :i"),
+                         {"a": age, "i": pid})
+        for pid, took in zip([*done, failed], (4, 6, 8, 10), strict=True):
+            conn.execute(text("UPDATE payment_queue SET processed_at = created_at + make_interval(secs => :t) "
+                              "WHERE id = :i"), {"t": took, "i": pid})
+    with transaction(engine, "confirm") as conn:
+        fetch_all(conn, "complete_payments", ids=done, blocks=[1, 1, 1], hashes=[ZERO] * 3)
+        fetch_all(conn, "fail_confirmation", ids=[failed], errors=["reverted"], blocks=[2])
+
+
+def test_metrics_have_the_known_answers(engine: Engine) -> None:
+    _seed(engine)
+    with engine.connect() as conn:
+        thresholds = read_thresholds(conn)
+        m = compute_metrics(conn, thresholds)
+    assert m.counts == {"pending": 3, "processing": 1, "sent": 2, "completed": 3, "failed": 0,
+                        "confirmation_failed": 1}
+    assert m.queue_depth == 3
+    assert m.sent_age_mean is not None and abs(m.sent_age_mean - 15) < 1.5
+    assert m.sent_age_max is not None and abs(m.sent_age_max - 20) < 1.5
+    assert m.confirmation_rate == 0.75
+    assert m.processing_time_p50 == 7.0  # median of 4, 6, 8, 10
+    assert m.processing_time_p95 is not None and abs(m.processing_time_p95 - 9.7) < 0.01
+    assert (m.stuck_sent, m.stuck_processing) == (0, 1)
+
+
+def test_thresholds_come_from_system_settings(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE system_settings SET value = '0.5' WHERE key = 'alert_confirmation_rate_min'"))
+        t = read_thresholds(conn)
+    assert t == Thresholds(sent_age_seconds=60, confirmation_rate_min=0.5, processing_time_seconds=60,
+                           stuck_seconds=300, window_minutes=60)
+
+
+HEALTHY = QueueMetrics(counts={}, queue_depth=0, sent_age_mean=5, sent_age_p95=9, sent_age_max=10,
+                       confirmation_rate=0.99, processing_time_p50=3, processing_time_p95=8, stuck_sent=0,
+                       stuck_processing=0)
+
+
+def test_alert_rules_follow_the_seed_thresholds() -> None:
+    t = Thresholds()
+    assert evaluate_alerts(HEALTHY, t) == []
+    breaches = {
+        "sent_age": dataclasses.replace(HEALTHY, sent_age_max=61),
+        "confirmation_rate": dataclasses.replace(HEALTHY, confirmation_rate=0.89),
+        "processing_time": dataclasses.replace(HEALTHY, processing_time_p95=61),
+        "stuck": dataclasses.replace(HEALTHY, stuck_sent=1),
+    }
+    for key, metrics in breaches.items():
+        assert [a.key for a in evaluate_alerts(metrics, t)] == [key]
+    assert evaluate_alerts(dataclasses.replace(HEALTHY, confirmation_rate=None, sent_age_max=None), t) == []
+
+
+def test_summary_lists_metrics_and_alerts() -> None:
+    t = Thresholds()
+    bad = dataclasses.replace(HEALTHY, confirmation_rate=0.5)
+    text_ = summary_markdown(bad, t, evaluate_alerts(bad, t))
+    assert "50.0%" in text_ and "**confirmation_rate**" in text_
+    assert "None." in summary_markdown(HEALTHY, t, [])
