@@ -145,7 +145,16 @@ def test_concurrent_claimers_never_share_a_row(engine: Engine) -> None:
         t.join()
     claimed = [pid for got in results.values() for pid in got]
     assert sorted(claimed) == sorted(ids) and len(set(claimed)) == len(claimed)
-    assert sum(1 for got in results.values() if got) >= 2  # the claimers really ran side by side
+
+
+def test_a_claim_skips_rows_locked_by_an_uncommitted_claim(engine: Engine) -> None:
+    ids = _queue(engine, 10)
+    with transaction(engine, "slow-run") as slow:
+        first = [r["id"] for r in fetch_all(slow, "claim_pending_payments", chain_id=31337, limit=6,
+                                            signer=SIGNER, owner="slow-run", lease_seconds=60)]
+        second = _claim(engine, "fast-run", 10)  # commits while the first claim is still open
+        assert len(first) == 6 and len(second) == 4 and not set(first) & set(second)
+    assert sorted(first + second) == sorted(ids)
 
 
 def test_guarded_transitions_have_one_winner(engine: Engine) -> None:
