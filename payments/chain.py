@@ -80,14 +80,6 @@ def rpc_batch(w3: Web3, calls: Sequence[tuple[str, Sequence[Any]]], chunk: int =
     return out
 
 
-def rpc_call(w3: Web3, method: str, params: Sequence[Any]) -> Any:
-    """One call; a JSON-RPC error raises RpcError too."""
-    (answer,) = rpc_batch(w3, [(method, params)])
-    if not answer.ok:
-        raise RpcError(f"{method} failed: {answer.message}")
-    return answer.result
-
-
 # --------------------------------------------------------------------------- error classification
 
 
@@ -99,15 +91,6 @@ def is_already_known(message: str) -> bool:
 def is_nonce_too_low(message: str) -> bool:
     m = message.lower()
     return "nonce too low" in m or "noncetoolow" in m or "nonce has already been used" in m
-
-
-def is_replacement_underpriced(message: str) -> bool:
-    m = message.lower()
-    return "replacement transaction underpriced" in m or "replacement underpriced" in m
-
-
-def is_insufficient_funds(message: str) -> bool:
-    return "insufficient funds" in message.lower()
 
 
 def is_execution_reverted(error: dict[str, Any]) -> bool:

@@ -3,7 +3,6 @@ anvil on a free loopback port, and the contracts deployed on it."""
 
 from __future__ import annotations
 
-import os
 import secrets
 import signal
 import socket
@@ -169,10 +168,6 @@ class Deployment:
         return self.w3().eth.contract(address=Web3.to_checksum_address(self.payment_token),
                                       abi=artifact("PaymentToken")["abi"])
 
-    def mint_contract(self) -> Any:
-        return self.w3().eth.contract(address=Web3.to_checksum_address(self.mint_token),
-                                      abi=artifact("MintableToken")["abi"])
-
 
 PAYMENT_TOKEN_NAME = "USD Coin"
 PAYMENT_TOKEN_VERSION = "2"
@@ -209,9 +204,3 @@ def deploy_payment_stack(rpc_url: str, *, buyers: int = 10, buyer_balance: int =
         signers=signers,
         buyers=buyer_accounts,
     )
-
-
-def process_env(**values: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(values)
-    return env

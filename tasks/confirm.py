@@ -6,7 +6,7 @@ A payment is never marked failed while any of its transactions could still be mi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -112,7 +112,6 @@ class ConfirmReport:
     rebroadcast: int = 0
     replaced: int = 0
     waiting: int = 0
-    errors: list[str] = field(default_factory=list)
 
 
 def load_sent_payments(p: Pipeline, limit: int) -> list[SentPayment]:

@@ -6,7 +6,7 @@ is broadcast, so a crash at any point leaves either nothing on chain or bytes we
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import task
@@ -80,7 +80,6 @@ class SendReport:
     sent: int = 0
     resumed: int = 0
     not_accepted: int = 0
-    errors: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- claims
@@ -306,11 +305,18 @@ def prepare_lane_batch(
     return [(pid, tx.tx_hash) for pid, tx in signed]
 
 
-def send_lane_tick(p: Pipeline, signer: Signer, owner: str, settings: PipelineSettings) -> SendReport:
-    """One tick of one signer lane, all stages in this process (what tests and benchmarks call)."""
+def resume_and_prepare(
+    p: Pipeline, signer: Signer, owner: str, settings: PipelineSettings
+) -> tuple[SendReport, list[tuple[str, str]]]:
+    """Re-send what dead runs left signed, then claim and prepare a new batch for this lane."""
     report = SendReport()
     report.resumed = len(resume_unbroadcast(p, signer, owner, settings.processing_lease_seconds))
-    pairs = prepare_lane_batch(p, signer, owner, settings, report)
+    return report, prepare_lane_batch(p, signer, owner, settings, report)
+
+
+def send_lane_tick(p: Pipeline, signer: Signer, owner: str, settings: PipelineSettings) -> SendReport:
+    """One tick of one signer lane, all stages in this process (what tests and benchmarks call)."""
+    report, pairs = resume_and_prepare(p, signer, owner, settings)
     for chunk in chunked(pairs, BROADCAST_CHUNK):
         sent, refused = broadcast_and_mark_sent(p, owner, chunk)
         report.sent += len(sent)
@@ -326,10 +332,7 @@ def send_lane_tick(p: Pipeline, signer: Signer, owner: str, settings: PipelineSe
 def prepare_lane_batch_task(
     p: Pipeline, signer: Signer, owner: str, settings: PipelineSettings
 ) -> tuple[SendReport, list[tuple[str, str]]]:
-    report = SendReport()
-    report.resumed = len(resume_unbroadcast(p, signer, owner, settings.processing_lease_seconds))
-    pairs = prepare_lane_batch(p, signer, owner, settings, report)
-    return report, pairs
+    return resume_and_prepare(p, signer, owner, settings)
 
 
 @task(name="broadcast-chunk", retries=3, retry_delay_seconds=[1, 2, 4], retry_condition_fn=retry_on_rpc_error,
