@@ -6,6 +6,7 @@ is broadcast, so a crash at any point leaves either nothing on chain or bytes we
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,6 +259,12 @@ def broadcast_and_mark_sent(p: Pipeline, actor: str, pairs: list[tuple[str, str]
     refused = {pid: f"broadcast not accepted: {results[h].message}"[:500]
                for pid, h in pairs if h in results and not broadcast_accepted(results[h])}
     sent = mark_sent(p, actor, accepted)
+    log = run_logger()
+    if log.isEnabledFor(logging.DEBUG):  # the seed's per-transaction line; DEBUG so high rates stay cheap
+        sent_ids = set(sent)
+        for pid, h in pairs:
+            if pid in sent_ids:
+                log.debug("📤 Sent payment tx: %s (payment %s)", h, pid)
     if refused:
         with transaction(p.engine, actor) as conn:
             conn.execute(query("note_processing_error"), {"ids": list(refused), "errors": list(refused.values())})
