@@ -226,48 +226,56 @@ def persist_transactions(
 # --------------------------------------------------------------------------- broadcast
 
 
-def broadcast_stored(p: Pipeline, actor: str, hashes: list[str]) -> dict[str, RpcResult]:
-    """Broadcast the committed bytes of these transactions (idempotent) and record each attempt."""
+def send_stored(p: Pipeline, hashes: list[str]) -> dict[str, RpcResult]:
+    """Broadcast the committed bytes of these transactions (idempotent); nothing is written."""
     if not hashes:
         return {}
     with p.engine.connect() as conn:
         rows = fetch_all(conn, "raw_transactions_for_hashes", hashes=hashes)
     answers = rpc_batch(p.w3, [("eth_sendRawTransaction", ["0x" + bytes(r["raw_tx"]).hex()]) for r in rows])
-    results = {r["tx_hash"]: a for r, a in zip(rows, answers, strict=True)}
-    with transaction(p.engine, actor) as conn:
-        conn.execute(query("record_broadcasts"), {
-            "hashes": list(results),
-            "errors": [None if broadcast_accepted(a) else a.message[:500] for a in results.values()],
-        })
+    return {r["tx_hash"]: a for r, a in zip(rows, answers, strict=True)}
+
+
+def record_broadcasts(conn: Connection, results: dict[str, RpcResult]) -> None:
+    conn.execute(query("record_broadcasts"), {
+        "hashes": list(results),
+        "errors": [None if broadcast_accepted(a) else a.message[:500] for a in results.values()],
+    })
+
+
+def broadcast_stored(p: Pipeline, actor: str, hashes: list[str]) -> dict[str, RpcResult]:
+    """Broadcast the committed bytes of these transactions and record each attempt."""
+    results = send_stored(p, hashes)
+    if results:
+        with transaction(p.engine, actor) as conn:
+            record_broadcasts(conn, results)
     return results
-
-
-def mark_sent(p: Pipeline, actor: str, ids: list[str]) -> list[str]:
-    if not ids:
-        return []
-    with transaction(p.engine, actor) as conn:
-        return [r["id"] for r in fetch_all(conn, "mark_sent", ids=ids)]
 
 
 def broadcast_and_mark_sent(p: Pipeline, actor: str, pairs: list[tuple[str, str]]) -> tuple[list[str], dict[str, str]]:
     """Broadcast (payment id, tx hash) pairs; payments whose tx the node accepted become `sent`.
     The rest stay `processing` with the node's answer noted; their lease expiry brings them back to
     `resume_unbroadcast`, which sends the same bytes again."""
-    results = broadcast_stored(p, actor, [h for _, h in pairs])
+    results = send_stored(p, [h for _, h in pairs])
     failpoint(AFTER_BROADCAST)
     accepted = [pid for pid, h in pairs if h in results and broadcast_accepted(results[h])]
     refused = {pid: f"broadcast not accepted: {results[h].message}"[:500]
                for pid, h in pairs if h in results and not broadcast_accepted(results[h])}
-    sent = mark_sent(p, actor, accepted)
+    sent: list[str] = []
+    if results:  # the attempts, `sent` and the refusals: one transaction
+        with transaction(p.engine, actor) as conn:
+            record_broadcasts(conn, results)
+            if accepted:
+                sent = [r["id"] for r in fetch_all(conn, "mark_sent", ids=accepted)]
+            if refused:
+                conn.execute(query("note_processing_error"),
+                             {"ids": list(refused), "errors": list(refused.values())})
     log = run_logger()
     if log.isEnabledFor(logging.DEBUG):  # the seed's per-transaction line; DEBUG so high rates stay cheap
         sent_ids = set(sent)
         for pid, h in pairs:
             if pid in sent_ids:
                 log.debug("📤 Sent payment tx: %s (payment %s)", h, pid)
-    if refused:
-        with transaction(p.engine, actor) as conn:
-            conn.execute(query("note_processing_error"), {"ids": list(refused), "errors": list(refused.values())})
     return sent, refused
 
 
