@@ -22,14 +22,11 @@ from sqlalchemy import Engine, text
 from tqdm import tqdm
 
 from payments.db import make_engine
-from payments.eip3009 import TokenDomain, sign_authorization
-from payments.intake import MintItem, enqueue_payment
 from payments.localstack import (
     DATA_DIR,
-    PAYMENT_TOKEN_NAME,
-    PAYMENT_TOKEN_VERSION,
     create_database,
     deploy_payment_stack,
+    queue_signed_payments,
     start_anvil,
     start_embedded_postgres,
 )
@@ -108,14 +105,7 @@ def run(payments: int, timeout: float) -> int:
 
         engine = make_engine(database_url)
         stack.callback(engine.dispose)
-        domain = TokenDomain(PAYMENT_TOKEN_NAME, PAYMENT_TOKEN_VERSION, deployment.chain_id, deployment.payment_token)
-        valid_before = int(time.time()) + 3600
-        for i in range(payments):
-            buyer = deployment.buyers[i % len(deployment.buyers)]
-            auth = sign_authorization(buyer.key, domain, pay_to=deployment.merchant, value=PRICE, valid_after=0,
-                                      valid_before=valid_before)
-            enqueue_payment(engine, chain_id=deployment.chain_id, token=deployment.payment_token, auth=auth,
-                            mints=[MintItem(deployment.mint_token, buyer.address, MINT_AMOUNT)], actor="demo")
+        queue_signed_payments(engine, deployment, payments, price=PRICE, mint_amount=MINT_AMOUNT)
         print(f"• {payments} signed x402 payments queued; serving the send and confirm deployments")
         os.environ["PREFECT_API_URL"] = server.api_url
         from prefect.deployments import run_deployment

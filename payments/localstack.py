@@ -15,10 +15,13 @@ from typing import Any
 import psycopg
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from sqlalchemy import Engine
 from web3 import Web3
 
 from payments.chain import artifact, connect
 from payments.config import REPO_ROOT
+from payments.eip3009 import TokenDomain, sign_authorization
+from payments.intake import MintItem, enqueue_payment
 
 ANVIL_BIN = REPO_ROOT / "node_modules" / "@foundry-rs" / "anvil-linux-amd64" / "bin" / "anvil"
 ANVIL_MNEMONIC = "test test test test test test test test test test test junk"
@@ -204,3 +207,20 @@ def deploy_payment_stack(rpc_url: str, *, buyers: int = 10, buyer_balance: int =
         signers=signers,
         buyers=buyer_accounts,
     )
+
+
+def queue_signed_payments(engine: Engine, dep: Deployment, count: int, *, price: int = 1_000_000,
+                          mint_amount: int = 10**18, actor: str = "demo") -> list[str]:
+    """Queue `count` x402 payments signed by the deployment's buyers (round robin), each buying
+    `mint_amount` of the mint token for its payer. Returns the payment ids."""
+    domain = TokenDomain(PAYMENT_TOKEN_NAME, PAYMENT_TOKEN_VERSION, dep.chain_id, dep.payment_token)
+    valid_before = int(time.time()) + 3600
+    ids = []
+    for i in range(count):
+        buyer = dep.buyers[i % len(dep.buyers)]
+        auth = sign_authorization(buyer.key, domain, pay_to=dep.merchant, value=price, valid_after=0,
+                                  valid_before=valid_before)
+        pid, _ = enqueue_payment(engine, chain_id=dep.chain_id, token=dep.payment_token, auth=auth,
+                                 mints=[MintItem(dep.mint_token, buyer.address, mint_amount)], actor=actor)
+        ids.append(pid)
+    return ids

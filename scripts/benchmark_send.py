@@ -18,14 +18,11 @@ from sqlalchemy import Engine, text
 
 from payments.config import signer_from_key
 from payments.db import make_engine
-from payments.eip3009 import TokenDomain, sign_authorization
-from payments.intake import MintItem, enqueue_payment
 from payments.localstack import (
     DATA_DIR,
-    PAYMENT_TOKEN_NAME,
-    PAYMENT_TOKEN_VERSION,
     create_database,
     deploy_payment_stack,
+    queue_signed_payments,
     start_anvil,
     start_embedded_postgres,
 )
@@ -54,14 +51,7 @@ def main() -> None:
         dep = deploy_payment_stack(anvil.url, buyers=50, signer_count=args.lanes)
         engine = make_engine(url, pool_size=args.lanes + 2)
         t0 = time.perf_counter()
-        domain = TokenDomain(PAYMENT_TOKEN_NAME, PAYMENT_TOKEN_VERSION, dep.chain_id, dep.payment_token)
-        valid_before = int(time.time()) + 3600
-        for i in range(args.payments):
-            buyer = dep.buyers[i % len(dep.buyers)]
-            auth = sign_authorization(buyer.key, domain, pay_to=dep.merchant, value=10**6, valid_after=0,
-                                      valid_before=valid_before)
-            enqueue_payment(engine, chain_id=dep.chain_id, token=dep.payment_token, auth=auth,
-                            mints=[MintItem(dep.mint_token, buyer.address, 10**18)])
+        queue_signed_payments(engine, dep, args.payments, actor="benchmark")
         queued_s = time.perf_counter() - t0
         p = Pipeline(engine=engine, w3=dep.w3(), chain_id=dep.chain_id,
                      signers=[signer_from_key("0x" + bytes(s.key).hex()) for s in dep.signers])

@@ -10,7 +10,7 @@ from sqlalchemy import Engine, text
 
 from payments.eip3009 import Authorization, TokenDomain, sign_authorization
 from payments.intake import MintItem, enqueue_payment
-from payments.localstack import PAYMENT_TOKEN_NAME, PAYMENT_TOKEN_VERSION, Deployment
+from payments.localstack import PAYMENT_TOKEN_NAME, PAYMENT_TOKEN_VERSION, Deployment, queue_signed_payments
 
 PRICE = 1_000_000
 
@@ -33,7 +33,7 @@ def queue(engine: Engine, dep: Deployment, auth: Authorization, recipient: str |
 
 
 def queue_many(engine: Engine, dep: Deployment, n: int) -> list[str]:
-    return [queue(engine, dep, authorize(dep, dep.buyers[i % len(dep.buyers)])) for i in range(n)]
+    return queue_signed_payments(engine, dep, n, price=PRICE, actor="test")
 
 
 def statuses(engine: Engine) -> dict[str, int]:

@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.flow, pytest.mark.chain]
 def prefect_api() -> Iterator[str]:
     """A real Prefect server on the embedded PostgreSQL (prefect_test_harness would put it on SQLite,
     which answers "database is locked" while flows record task runs in parallel)."""
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     admin = _server("embedded").admin_uri
@@ -37,6 +38,7 @@ def prefect_api() -> Iterator[str]:
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             yield server.api_url
+            APILogWorker.drain_all(timeout=5)  # deliver buffered run logs while the server is still up
     finally:
         server.stop()
 
