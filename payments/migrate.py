@@ -31,7 +31,9 @@ def migration_file(revision: str) -> Path:
 
 def run_sql_file(revision: str) -> None:
     """Called from a revision script: execute that revision's .sql file."""
-    op.get_bind().exec_driver_sql(migration_file(revision).read_text())
+    # straight to the driver without parameters, so `%` in PL/pgSQL bodies is not taken for a placeholder
+    cursor = op.get_bind().connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    cursor.execute(migration_file(revision).read_text())
 
 
 def alembic_config(database_url: str) -> Config:

@@ -149,6 +149,7 @@ SELECT p.id, p.payer, p.token, p.pay_to, p.amount, p.valid_after, p.valid_before
 FROM (
     SELECT * FROM payment_queue
     WHERE status = 'sent' AND chain_id = :chain_id
+      AND (CAST(:ids AS text[]) IS NULL OR id = ANY(CAST(:ids AS text[])))
     ORDER BY processed_at
     LIMIT :limit
 ) p
@@ -221,3 +222,97 @@ SELECT id, status, created_at, processed_at, confirmed_at, updated_at
 FROM payment_queue
 WHERE status IN ('completed', 'failed', 'confirmation_failed')
   AND updated_at >= coalesce(CAST(:now AS timestamptz), now()) - make_interval(mins => :window_minutes)
+
+-- recovery_candidates --
+-- Payments a recovery flow looks at: by status, optionally by id, and not touched for :older_than seconds.
+SELECT id, status, chain_id, token, payer, auth_nonce, valid_before, signer, tx_nonce, tx_hash,
+       lease_expires_at, sent_at, updated_at
+FROM payment_queue
+WHERE chain_id = :chain_id
+  AND status = ANY(CAST(:statuses AS text[]))
+  AND (CAST(:ids AS text[]) IS NULL OR id = ANY(CAST(:ids AS text[])))
+  AND updated_at <= now() - make_interval(secs => :older_than)
+ORDER BY created_at
+LIMIT :limit
+
+-- hashes_of_payments --
+SELECT payment_id, array_agg(tx_hash ORDER BY id) AS hashes
+FROM payment_transactions
+WHERE payment_id = ANY(CAST(:ids AS text[]))
+GROUP BY payment_id
+
+-- release_stuck_processing --
+-- reset_stuck_payments: expired leases with nothing signed go back to pending.
+UPDATE payment_queue
+SET status = 'pending', signer = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now(),
+    error = :reason
+WHERE id = ANY(CAST(:ids AS text[])) AND status = 'processing' AND tx_hash IS NULL AND lease_expires_at < now()
+RETURNING id
+
+-- recover_completed_payments --
+-- recheck_confirmation_failed: the chain shows the payment did land; its mint rows come back from
+-- cancelled and are released, once, by the statement that moves the payment.
+WITH done AS (
+    UPDATE payment_queue p
+    SET status = 'completed', confirmed_at = now(), block_number = v.block_number, tx_hash = v.tx_hash,
+        error = v.note, updated_at = now()
+    FROM unnest(CAST(:ids AS text[]), CAST(:blocks AS bigint[]), CAST(:hashes AS text[]), CAST(:notes AS text[]))
+         AS v(id, block_number, tx_hash, note)
+    WHERE p.id = v.id AND p.status = 'confirmation_failed'
+    RETURNING p.id
+), released AS (
+    UPDATE mint_queue m SET status = 'released', released_at = now(), cancelled_at = NULL
+    FROM done WHERE m.payment_id = done.id AND m.status IN ('waiting', 'cancelled')
+    RETURNING m.id
+)
+SELECT id FROM done
+
+-- requeue_failed_payments --
+-- requeue_failed: only payments for which nothing was ever signed; their mint rows wait again.
+WITH requeued AS (
+    UPDATE payment_queue p
+    SET status = 'pending', error = NULL, signer = NULL, processed_at = NULL, lease_owner = NULL,
+        lease_expires_at = NULL, updated_at = now()
+    WHERE p.id = ANY(CAST(:ids AS text[])) AND p.status = 'failed' AND p.tx_hash IS NULL
+      AND NOT EXISTS (SELECT 1 FROM payment_transactions t WHERE t.payment_id = p.id)
+    RETURNING p.id
+), waiting AS (
+    UPDATE mint_queue m SET status = 'waiting', cancelled_at = NULL
+    FROM requeued WHERE m.payment_id = requeued.id AND m.status = 'cancelled'
+    RETURNING m.id
+)
+SELECT id FROM requeued
+
+-- rollback_payments_to_failed --
+-- rollback_to_failed (the seed's rollback procedure), only for payments the chain shows cannot land.
+WITH failed AS (
+    UPDATE payment_queue p
+    SET status = 'failed', error = :reason, processed_at = coalesce(p.processed_at, now()), updated_at = now()
+    WHERE p.id = ANY(CAST(:ids AS text[])) AND p.status IN ('sent', 'confirmation_failed')
+    RETURNING p.id
+), cancelled AS (
+    UPDATE mint_queue m SET status = 'cancelled', cancelled_at = now()
+    FROM failed WHERE m.payment_id = failed.id AND m.status = 'waiting'
+    RETURNING m.id
+)
+SELECT id FROM failed
+
+-- insert_recovery_actions --
+INSERT INTO recovery_actions (flow, payment_id, action, outcome, detail, dry_run, actor)
+SELECT :flow, v.payment_id, v.action, v.outcome, v.detail, :dry_run, :actor
+FROM unnest(CAST(:payment_ids AS text[]), CAST(:actions AS text[]), CAST(:outcomes AS text[]),
+            CAST(:details AS text[])) AS v(payment_id, action, outcome, detail)
+
+-- stored_transactions_by_nonce --
+SELECT nonce, array_agg(tx_hash ORDER BY id) AS hashes
+FROM payment_transactions
+WHERE chain_id = :chain_id AND signer = :signer AND nonce >= :low AND nonce < :high
+GROUP BY nonce
+
+-- signer_counter --
+SELECT next_nonce FROM signer_nonces WHERE chain_id = :chain_id AND signer = :signer
+
+-- transactions_by_hashes --
+SELECT t.tx_hash, t.payment_id, t.kind, t.nonce, p.status AS payment_status
+FROM payment_transactions t LEFT JOIN payment_queue p ON p.id = t.payment_id
+WHERE t.tx_hash = ANY(CAST(:hashes AS text[]))

@@ -114,9 +114,9 @@ class ConfirmReport:
     waiting: int = 0
 
 
-def load_sent_payments(p: Pipeline, limit: int) -> list[SentPayment]:
+def load_sent_payments(p: Pipeline, limit: int, ids: list[str] | None = None) -> list[SentPayment]:
     with p.engine.connect() as conn:
-        rows = fetch_all(conn, "load_sent_payments", chain_id=p.chain_id, limit=limit, now=None)
+        rows = fetch_all(conn, "load_sent_payments", chain_id=p.chain_id, limit=limit, now=None, ids=ids)
     return [SentPayment.from_row(r) for r in rows if r["hashes"]]
 
 
@@ -198,6 +198,28 @@ def unlandable_reason(payment: SentPayment, view: ChainView) -> str | None:
     return None
 
 
+class StuckVerdict(StrEnum):
+    UNLANDABLE = "unlandable"  # proven: mark confirmation_failed
+    BUMP = "bump"  # could still land, no receipt: replace with higher fees
+    WAIT = "wait"  # mined meanwhile, or replaced too recently
+
+
+def judge_stuck(p: Pipeline, actor: str, payment: SentPayment, settings: PipelineSettings,
+                *, rebroadcast: bool = True) -> tuple[StuckVerdict, str]:
+    """A sent payment past the timeout: send its stored bytes again, then read the chain for proof."""
+    if rebroadcast:
+        broadcast_stored(p, actor, list(payment.hashes))
+    view = read_chain_view(p, payment)
+    reason = unlandable_reason(payment, view)
+    if reason is not None:
+        return StuckVerdict.UNLANDABLE, reason
+    if view.receipts:
+        return StuckVerdict.WAIT, "mined meanwhile; the confirmation loop applies it"
+    if payment.latest_age_seconds < settings.rebroadcast_after_seconds:
+        return StuckVerdict.WAIT, "replaced recently; waiting before the next fee bump"
+    return StuckVerdict.BUMP, "no receipt and it can still land: replace with higher fees"
+
+
 def replace_with_higher_fees(p: Pipeline, actor: str, payment: SentPayment, settings: PipelineSettings) -> str | None:
     """Fee bump: the same call at the same nonce with both fees raised; stored before broadcast."""
     signer = p.signer(payment.signer)
@@ -256,14 +278,11 @@ def confirm_tick(p: Pipeline, actor: str, settings: PipelineSettings) -> Confirm
         results = broadcast_stored(p, actor, rebroadcast)
         report.rebroadcast = sum(1 for a in results.values() if broadcast_accepted(a))
     for pay in stuck:
-        broadcast_stored(p, actor, list(pay.hashes))
-        view = read_chain_view(p, pay)
-        reason = unlandable_reason(pay, view)
-        if reason is not None:
-            failed.append((pay.id, reason, None))
-        elif not view.receipts and pay.latest_age_seconds >= settings.rebroadcast_after_seconds:
-            if replace_with_higher_fees(p, actor, pay, settings):
-                report.replaced += 1
+        stuck_verdict, why = judge_stuck(p, actor, pay, settings)
+        if stuck_verdict is StuckVerdict.UNLANDABLE:
+            failed.append((pay.id, why, None))
+        elif stuck_verdict is StuckVerdict.BUMP and replace_with_higher_fees(p, actor, pay, settings):
+            report.replaced += 1
         else:
             report.waiting += 1
     marked = fail_confirmations(p, actor, failed)
