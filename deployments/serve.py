@@ -17,6 +17,7 @@ from sqlalchemy import text
 
 from flows.confirm import confirm_payments
 from flows.monitor import monitor_payments
+from flows.recovery import RECOVERY_FLOWS
 from flows.send import send_payments
 from payments.config import require_env
 from payments.db import engine_for
@@ -51,7 +52,12 @@ def build_deployments(settings: PipelineSettings, monitor_interval_seconds: int 
         tags=["payments", "monitor"],
         description="Queue depth, sent age, confirmation rate, processing time against the alert thresholds",
     )
-    return [cast(RunnerDeployment, d) for d in (send, confirm, monitor)]
+    recovery = [
+        f.to_deployment(name="manual", tags=["payments", "recovery"],
+                        description="Run by hand from the UI; dry_run defaults to true")
+        for f in RECOVERY_FLOWS
+    ]
+    return [cast(RunnerDeployment, d) for d in (send, confirm, monitor, *recovery)]
 
 
 def main() -> None:

@@ -316,3 +316,6 @@ SELECT next_nonce FROM signer_nonces WHERE chain_id = :chain_id AND signer = :si
 SELECT t.tx_hash, t.payment_id, t.kind, t.nonce, p.status AS payment_status
 FROM payment_transactions t LEFT JOIN payment_queue p ON p.id = t.payment_id
 WHERE t.tx_hash = ANY(CAST(:hashes AS text[]))
+
+-- db_now --
+SELECT now()

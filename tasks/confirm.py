@@ -134,11 +134,12 @@ def fetch_receipts(p: Pipeline, payments: list[SentPayment]) -> tuple[int, dict[
     return to_int(answers[0].result), receipts
 
 
-def complete_payments(p: Pipeline, actor: str, done: list[tuple[SentPayment, Receipt]]) -> list[str]:
+def complete_payments(p: Pipeline, actor: str, done: list[tuple[str, Receipt]]) -> list[str]:
+    """(payment id, successful receipt) -> completed, mint rows released in the same statement."""
     if not done:
         return []
     with transaction(p.engine, actor) as conn:
-        rows = fetch_all(conn, "complete_payments", ids=[pay.id for pay, _ in done],
+        rows = fetch_all(conn, "complete_payments", ids=[pid for pid, _ in done],
                          blocks=[r.block_number for _, r in done], hashes=[r.tx_hash for _, r in done])
     return [r["id"] for r in rows]
 
@@ -255,14 +256,14 @@ def confirm_tick(p: Pipeline, actor: str, settings: PipelineSettings) -> Confirm
     log = run_logger()
     log.info("Checking %d pending confirmations...", len(payments))
     head, receipts = fetch_receipts(p, payments)
-    done: list[tuple[SentPayment, Receipt]] = []
+    done: list[tuple[str, Receipt]] = []
     failed: list[tuple[str, str, int | None]] = []
     rebroadcast: list[str] = []
     stuck: list[SentPayment] = []
     for pay in payments:
         verdict, receipt = judge(pay, receipts, head, settings)
         if verdict is Verdict.COMPLETE and receipt is not None:
-            done.append((pay, receipt))
+            done.append((pay.id, receipt))
         elif verdict is Verdict.REVERTED and receipt is not None:
             failed.append((pay.id, f"transaction reverted: {receipt.tx_hash} in block {receipt.block_number}",
                            receipt.block_number))

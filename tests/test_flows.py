@@ -136,3 +136,18 @@ def test_monitor_flow_publishes_metrics_to_the_ui(flow_env: dict[str, str], chai
     table = Artifact.get("payment-queue-metrics")
     assert summary is not None and "queue depth (pending) | 3 |" in str(summary.data)
     assert table is not None and '"queue_depth": 3' in str(table.data).replace("'", '"')
+
+
+def test_recovery_flow_run_records_its_actions_and_an_artifact(flow_env: dict[str, str], chain: Deployment,
+                                                               embedded_engine: Engine) -> None:
+    from prefect.artifacts import Artifact
+
+    from flows.recovery import resync_nonces_flow
+
+    assert resync_nonces_flow() == {"unchanged": 2}  # dry run by default; two signer lanes, no waiting nonce
+    with embedded_engine.connect() as conn:
+        rows = conn.execute(text("SELECT flow, outcome, dry_run, actor FROM recovery_actions")).all()
+    assert len(rows) == 2 and all(r.flow == "resync_nonces" and r.dry_run for r in rows)
+    assert rows[0].actor.startswith("recovery:resync_nonces:")
+    artifact = Artifact.get("resync-nonces")
+    assert artifact is not None and "no nonce waiting" in str(artifact.data)

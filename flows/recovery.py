@@ -1,0 +1,111 @@
+"""Backfill / recovery flows, deployed unscheduled and run by hand from the Prefect UI.
+
+Every flow takes filters (payment ids, age) and `dry_run` (default true: only report), applies its
+changes through the pipeline's guarded statements, writes one recovery_actions row per payment it
+looked at (status changes are audited in payment_events too) and publishes a table artifact of what
+it did or would do."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Annotated
+
+from prefect import Flow, flow
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
+from pydantic import Field
+
+from tasks.common import Pipeline, run_logger
+from tasks.recovery import (
+    Action,
+    Filters,
+    recheck_confirmation_failed,
+    reconcile_block_range,
+    record_actions,
+    requeue_failed,
+    reset_stuck_payments,
+    resync_nonces,
+    rollback_to_failed,
+)
+
+PaymentIds = Annotated[list[str] | None, Field(description="only these payment ids (empty: all that match)")]
+OlderThan = Annotated[int, Field(ge=0, le=30 * 86_400, description="only payments untouched for this many seconds")]
+Limit = Annotated[int, Field(ge=1, le=100_000)]
+
+
+def _finish(p: Pipeline, name: str, actor: str, dry_run: bool, actions: list[Action]) -> dict[str, int]:
+    record_actions(p, name, actor, dry_run, actions)
+    create_table_artifact(
+        key=name.replace("_", "-"),
+        table=[asdict(a) for a in actions] or [{"payment_id": None, "action": "none", "outcome": "unchanged",
+                                                "detail": "nothing matched the filters"}],
+        description=f"{name} ({'dry run: nothing changed' if dry_run else 'applied'})",
+    )
+    counts = Counter(a.outcome for a in actions)
+    run_logger().info("%s%s: %s", name, " (dry run)" if dry_run else "", dict(counts) or "nothing matched")
+    return dict(counts)
+
+
+def _run(name: str, dry_run: bool, work: Callable[[Pipeline, str], list[Action]]) -> dict[str, int]:
+    p = Pipeline.from_env()
+    actor = f"recovery:{name}:{flow_run.get_id() or 'local'}"
+    return _finish(p, name, actor, dry_run, work(p, actor))
+
+
+@flow(name="reset-stuck-payments")
+def reset_stuck_payments_flow(payment_ids: PaymentIds = None, older_than_seconds: OlderThan = 0,
+                              limit: Limit = 1000, dry_run: bool = True) -> dict[str, int]:
+    """Expired processing leases back to pending (or re-broadcast when signed); sent past the timeout
+    re-broadcast and reconciled (confirmation_failed with proof, fee bump otherwise)."""
+    f = Filters(payment_ids, older_than_seconds, limit)
+    return _run("reset_stuck_payments", dry_run,
+                lambda p, actor: reset_stuck_payments(p, f, p.settings(), dry_run=dry_run, actor=actor))
+
+
+@flow(name="recheck-confirmation-failed")
+def recheck_confirmation_failed_flow(payment_ids: PaymentIds = None, older_than_seconds: OlderThan = 0,
+                                     limit: Limit = 1000, dry_run: bool = True) -> dict[str, int]:
+    """confirmation_failed payments that landed after all become completed; their mints are released once."""
+    f = Filters(payment_ids, older_than_seconds, limit)
+    return _run("recheck_confirmation_failed", dry_run,
+                lambda p, actor: recheck_confirmation_failed(p, f, p.settings(), dry_run=dry_run, actor=actor))
+
+
+@flow(name="requeue-failed")
+def requeue_failed_flow(payment_ids: PaymentIds = None, older_than_seconds: OlderThan = 0, limit: Limit = 1000,
+                        dry_run: bool = True) -> dict[str, int]:
+    """failed payments back to pending when nothing was signed for them and the authorization is still usable."""
+    f = Filters(payment_ids, older_than_seconds, limit)
+    return _run("requeue_failed", dry_run, lambda p, actor: requeue_failed(p, f, dry_run=dry_run, actor=actor))
+
+
+@flow(name="rollback-to-failed")
+def rollback_to_failed_flow(payment_ids: PaymentIds = None, older_than_seconds: OlderThan = 0, limit: Limit = 1000,
+                            reason: str = "Rollback: reverted to sync mode", dry_run: bool = True) -> dict[str, int]:
+    """sent / confirmation_failed -> failed with a reason, refused for payments that landed or could land."""
+    f = Filters(payment_ids, older_than_seconds, limit)
+    return _run("rollback_to_failed", dry_run,
+                lambda p, actor: rollback_to_failed(p, f, p.settings(), reason=reason, dry_run=dry_run, actor=actor))
+
+
+@flow(name="resync-nonces")
+def resync_nonces_flow(dry_run: bool = True) -> dict[str, int]:
+    """Per signer: counter vs chain; stored transactions of waiting nonces re-broadcast, gaps filled."""
+    return _run("resync_nonces", dry_run, lambda p, actor: resync_nonces(p, dry_run=dry_run, actor=actor))
+
+
+@flow(name="reconcile-block-range")
+def reconcile_block_range_flow(from_block: Annotated[int, Field(ge=0)], to_block: Annotated[int, Field(ge=0)],
+                               dry_run: bool = True) -> dict[str, int]:
+    """Match our signers' transactions in a block range to payments; apply or report mismatches."""
+    return _run("reconcile_block_range", dry_run,
+                lambda p, actor: reconcile_block_range(p, from_block, to_block, p.settings(), dry_run=dry_run,
+                                                       actor=actor))
+
+
+RECOVERY_FLOWS: list[Flow[..., dict[str, int]]] = [
+    reset_stuck_payments_flow, recheck_confirmation_failed_flow, requeue_failed_flow, rollback_to_failed_flow,
+    resync_nonces_flow, reconcile_block_range_flow,
+]
