@@ -15,6 +15,7 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.deployments.runner import RunnerDeployment
 from sqlalchemy import text
 
+from deployments.automations import main as configure_alerts
 from flows.confirm import confirm_payments
 from flows.monitor import monitor_payments
 from flows.recovery import RECOVERY_FLOWS
@@ -65,6 +66,7 @@ def main() -> None:
         settings = read_settings(conn)
         monitor_every = conn.execute(text(
             "SELECT value FROM system_settings WHERE key = 'monitor_interval_seconds'")).scalar_one_or_none()
+    configure_alerts()
     serve(*build_deployments(settings, max(int(monitor_every or 30), 5)), limit=6)
 
 

@@ -1,20 +1,38 @@
-"""`monitor-payments`: the seed's key metrics and alert thresholds, published on the run page in the
-Prefect UI as a table artifact and a markdown summary; threshold breaches are logged as warnings."""
+"""`monitor-payments`: the seed's key metrics, gas and nonce health, checked against the alert
+thresholds in system_settings; published on the run page in the Prefect UI (a table, a markdown
+summary with a chart of the recent window) and delivered as Prefect events
+`payments.alert.opened|reminder|resolved`, which the `payments-alerts` automation turns into
+notifications (deployments/automations.py). An alert notifies when it opens, at the reminder interval
+while it stays open, and when it resolves - not on every run."""
 
 from __future__ import annotations
 
+import base64
+import io
 from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.events import emit_event
+from sqlalchemy import Engine, text
 
-from payments.config import require_env
-from payments.db import engine_for
-from tasks.common import run_logger
-from tasks.monitor import QueueMetrics, Thresholds, compute_metrics, evaluate_alerts, read_thresholds
+from tasks.common import Pipeline, run_logger
+from tasks.monitor import (
+    Alert,
+    QueueMetrics,
+    SignerHealth,
+    Thresholds,
+    compute_metrics,
+    evaluate_alerts,
+    read_signer_health,
+    read_thresholds,
+    record_sample,
+    sync_alerts,
+)
 
 
-def summary_markdown(m: QueueMetrics, t: Thresholds, alerts: list[Any]) -> str:
+def summary_markdown(m: QueueMetrics, t: Thresholds, alerts: list[Alert],
+                     signers: list[SignerHealth] | None = None, chart_png: bytes | None = None) -> str:
     def fmt(v: float | None, unit: str = " s") -> str:
         return "n/a" if v is None else f"{v:g}{unit}"
 
@@ -23,7 +41,7 @@ def summary_markdown(m: QueueMetrics, t: Thresholds, alerts: list[Any]) -> str:
         "",
         "| metric | value | alert when |",
         "| --- | --- | --- |",
-        f"| queue depth (pending) | {m.queue_depth} | not decreasing under load |",
+        f"| queue depth (pending) | {m.queue_depth} | not decreasing over {t.queue_trend_samples} runs |",
         f"| age in sent: mean / p95 / max | {fmt(m.sent_age_mean)} / {fmt(m.sent_age_p95)} / {fmt(m.sent_age_max)}"
         f" | max > {t.sent_age_seconds:g} s |",
         f"| confirmation rate ({t.window_minutes} min) | "
@@ -34,25 +52,75 @@ def summary_markdown(m: QueueMetrics, t: Thresholds, alerts: list[Any]) -> str:
         "",
         "Counts: " + ", ".join(f"{k} {v}" for k, v in m.counts.items()),
         "",
-        "## Alerts",
-        "",
     ]
+    if signers:
+        lines += ["| signer | gas balance | nonce mined / pending / local | drift |", "| --- | --- | --- | --- |"]
+        lines += [f"| {s.address} | {s.balance_wei / 1e18:.6f} | {s.mined_nonce} / {s.pending_nonce} / "
+                  f"{'-' if s.local_nonce is None else s.local_nonce} | {s.drift} |" for s in signers]
+        lines.append("")
+    if chart_png:
+        lines += [f"![recent window](data:image/png;base64,{base64.b64encode(chart_png).decode()})", ""]
+    lines += ["## Alerts", ""]
     lines += [f"- **{a.key}**: {a.message}" for a in alerts] or ["None."]
     return "\n".join(lines)
 
 
+def recent_chart(engine: Engine, minutes: int = 60) -> bytes | None:
+    """A small PNG of queue depth and sent count over the recent window (None with fewer than 2 samples)."""
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT at, queue_depth, sent FROM monitor_samples "
+                                 "WHERE at >= now() - make_interval(mins => :m) ORDER BY at"), {"m": minutes}).all()
+    if len(rows) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 2.2), dpi=80)
+    ax.plot([r.at for r in rows], [r.queue_depth for r in rows], label="pending")
+    ax.plot([r.at for r in rows], [r.sent for r in rows], label="sent")
+    ax.legend(loc="upper left", fontsize=7)
+    ax.tick_params(labelsize=7)
+    fig.autofmt_xdate()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def emit_alert_events(due: list[tuple[str, Alert]]) -> None:
+    for kind, alert in due:
+        emit_event(
+            event=f"payments.alert.{kind}",
+            resource={"prefect.resource.id": f"payments.alert.{alert.key}", "prefect.resource.name": alert.key},
+            payload={"kind": kind, "key": alert.key,
+                     "message": alert.message if kind != "resolved" else f"resolved: {alert.message}"},
+        )
+
+
 @flow(name="monitor-payments")
 def monitor_payments() -> dict[str, Any]:
-    engine = engine_for(require_env("DATABASE_URL"))
-    with engine.connect() as conn:
+    p = Pipeline.from_env()
+    with p.engine.connect() as conn:
         thresholds = read_thresholds(conn)
         metrics = compute_metrics(conn, thresholds)
-    alerts = evaluate_alerts(metrics, thresholds)
+        retention = conn.execute(text(
+            "SELECT value FROM system_settings WHERE key = 'monitor_sample_retention_days'")).scalar_one_or_none()
+    signers = read_signer_health(p)
+    depths = record_sample(p.engine, metrics, int(retention or 7))
+    alerts = evaluate_alerts(metrics, thresholds, signers, depths)
+    due = sync_alerts(p.engine, alerts, thresholds.reminder_seconds)
+    emit_alert_events(due)
     log = run_logger()
-    for alert in alerts:
-        log.warning("ALERT %s: %s", alert.key, alert.message)
+    for kind, alert in due:
+        log.warning("ALERT %s %s: %s", kind, alert.key, alert.message)
     create_table_artifact(key="payment-queue-metrics", table=[metrics.as_row()],
                           description="Payment queue metrics at this run")
-    create_markdown_artifact(key="payment-queue-summary", markdown=summary_markdown(metrics, thresholds, alerts),
-                             description="Payment queue at a glance")
-    return {"metrics": metrics.as_row(), "alerts": [a.key for a in alerts]}
+    create_markdown_artifact(
+        key="payment-queue-summary",
+        markdown=summary_markdown(metrics, thresholds, alerts, signers, recent_chart(p.engine)),
+        description="Payment queue at a glance",
+    )
+    return {"metrics": metrics.as_row(), "alerts": [a.key for a in alerts],
+            "notifications": [f"{kind}:{a.key}" for kind, a in due]}

@@ -319,3 +319,33 @@ WHERE t.tx_hash = ANY(CAST(:hashes AS text[]))
 
 -- db_now --
 SELECT now()
+
+-- open_alert --
+-- Opens an alert once: a second monitor run racing this one finds it open and notifies nothing.
+INSERT INTO monitor_alerts (key, status, message, opened_at, last_notified_at)
+VALUES (:key, 'open', :message, now(), now())
+ON CONFLICT (key) DO UPDATE
+    SET status = 'open', message = EXCLUDED.message, opened_at = now(), last_notified_at = now(), resolved_at = NULL
+    WHERE monitor_alerts.status = 'resolved'
+RETURNING key
+
+-- remind_alert --
+UPDATE monitor_alerts SET last_notified_at = now(), message = :message
+WHERE key = :key AND status = 'open' AND last_notified_at <= now() - make_interval(secs => :every)
+RETURNING key
+
+-- resolve_alerts --
+UPDATE monitor_alerts SET status = 'resolved', resolved_at = now()
+WHERE status = 'open' AND NOT (key = ANY(CAST(:keys AS text[])))
+RETURNING key, message
+
+-- insert_monitor_sample --
+INSERT INTO monitor_samples (queue_depth, sent, sent_age_max, confirmation_rate)
+VALUES (:queue_depth, :sent, :sent_age_max, :confirmation_rate)
+
+-- recent_monitor_samples --
+SELECT at, queue_depth, sent, sent_age_max, confirmation_rate
+FROM monitor_samples WHERE at >= now() - make_interval(mins => :minutes) ORDER BY at
+
+-- prune_monitor_samples --
+DELETE FROM monitor_samples WHERE at < now() - make_interval(days => :days)

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from itertools import pairwise
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Engine, text
 
-from payments.db import query
+from payments.chain import rpc_batch, to_int
+from payments.db import query, transaction
+from payments.errors import RpcError
 from payments.statuses import PaymentStatus
+from tasks.common import Pipeline
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,10 @@ class Thresholds:
     processing_time_seconds: float = 60
     stuck_seconds: float = 300
     window_minutes: int = 60
+    reminder_seconds: float = 900
+    queue_trend_samples: int = 5
+    min_gas_balance_wei: int = 10**16
+    nonce_drift: int = 10
 
     @classmethod
     def from_settings(cls, rows: dict[str, str]) -> Thresholds:
@@ -34,6 +42,10 @@ class Thresholds:
             processing_time_seconds=float(rows.get("alert_processing_time_seconds", d.processing_time_seconds)),
             stuck_seconds=float(rows.get("alert_stuck_seconds", d.stuck_seconds)),
             window_minutes=int(rows.get("monitor_window_minutes", d.window_minutes)),
+            reminder_seconds=float(rows.get("alert_reminder_seconds", d.reminder_seconds)),
+            queue_trend_samples=int(rows.get("alert_queue_trend_samples", d.queue_trend_samples)),
+            min_gas_balance_wei=int(rows.get("alert_min_gas_balance_wei", d.min_gas_balance_wei)),
+            nonce_drift=int(rows.get("alert_nonce_drift", d.nonce_drift)),
         )
 
 
@@ -119,8 +131,52 @@ class Alert:
     message: str
 
 
-def evaluate_alerts(m: QueueMetrics, t: Thresholds) -> list[Alert]:
-    """The seed's alert rules; pure, so every rule has a unit test."""
+@dataclass(frozen=True)
+class SignerHealth:
+    address: str
+    balance_wei: int
+    mined_nonce: int
+    pending_nonce: int
+    local_nonce: int | None  # the pipeline's counter; None before the signer's first batch
+
+    @property
+    def drift(self) -> int:
+        """Local counter minus the node's pending count: > 0 means nonces the node does not hold (dropped
+        or never broadcast: later ones are stuck behind them), < 0 means the wallet was used elsewhere."""
+        return 0 if self.local_nonce is None else self.local_nonce - self.pending_nonce
+
+
+def read_signer_health(p: Pipeline) -> list[SignerHealth]:
+    """Gas balance and nonces of every signer: one JSON-RPC batch and one query."""
+    calls: list[tuple[str, Any]] = []
+    for s in p.signers:
+        calls += [("eth_getBalance", [s.address, "latest"]), ("eth_getTransactionCount", [s.address, "latest"]),
+                  ("eth_getTransactionCount", [s.address, "pending"])]
+    answers = rpc_batch(p.w3, calls)
+    bad = next((a for a in answers if not a.ok), None)
+    if bad is not None:
+        raise RpcError(f"signer lookup failed: {bad.message}")
+    with p.engine.connect() as conn:
+        local = {str(s): int(n) for s, n in conn.execute(
+            text("SELECT signer, next_nonce FROM signer_nonces WHERE chain_id = :c"), {"c": p.chain_id})}
+    return [
+        SignerHealth(address=s.address, balance_wei=to_int(answers[3 * i].result),
+                     mined_nonce=to_int(answers[3 * i + 1].result), pending_nonce=to_int(answers[3 * i + 2].result),
+                     local_nonce=local.get(s.address))
+        for i, s in enumerate(p.signers)
+    ]
+
+
+def queue_not_decreasing(depths: list[int], samples: int) -> bool:
+    """The seed's "queue depth should decrease rapidly under load": over the last `samples` runs the
+    queue was never empty and never went down."""
+    last = depths[-samples:]
+    return len(last) >= samples >= 2 and all(d > 0 for d in last) and all(b >= a for a, b in pairwise(last))
+
+
+def evaluate_alerts(m: QueueMetrics, t: Thresholds, signers: list[SignerHealth] | None = None,
+                    depths: list[int] | None = None) -> list[Alert]:
+    """The seed's alert rules plus gas and nonce health; pure, so every rule has a unit test."""
     alerts: list[Alert] = []
     if m.sent_age_max is not None and m.sent_age_max > t.sent_age_seconds:
         alerts.append(Alert("sent_age", f"a payment has been in sent for {m.sent_age_max:.0f} s "
@@ -134,4 +190,43 @@ def evaluate_alerts(m: QueueMetrics, t: Thresholds) -> list[Alert]:
     if m.stuck_sent or m.stuck_processing:
         alerts.append(Alert("stuck", f"{m.stuck_sent} payment(s) in sent for more than {t.stuck_seconds:.0f} s, "
                                      f"{m.stuck_processing} in processing with an expired lease"))
+    if depths is not None and queue_not_decreasing(depths, t.queue_trend_samples):
+        alerts.append(Alert("queue_depth_not_decreasing",
+                            f"queue depth has not decreased over {t.queue_trend_samples} runs "
+                            f"({', '.join(map(str, depths[-t.queue_trend_samples:]))})"))
+    for s in signers or []:
+        if s.balance_wei < t.min_gas_balance_wei:
+            alerts.append(Alert(f"gas_low:{s.address}",
+                                f"signer {s.address} holds {s.balance_wei / 1e18:.6f} native tokens for gas "
+                                f"(minimum {t.min_gas_balance_wei / 1e18:g})"))
+        if abs(s.drift) > t.nonce_drift:
+            alerts.append(Alert(f"nonce_drift:{s.address}", f"signer {s.address}: local nonce counter "
+                                                             f"{s.local_nonce}, node pending count {s.pending_nonce} "
+                                                             f"(drift {s.drift}); run resync-nonces"))
     return alerts
+
+
+def sync_alerts(engine: Engine, alerts: list[Alert], reminder_seconds: float) -> list[tuple[str, Alert]]:
+    """Move alert state and return the notifications due: ("opened" | "reminder" | "resolved", alert).
+    Each transition is one guarded statement, so concurrent monitor runs never notify twice."""
+    due: list[tuple[str, Alert]] = []
+    with transaction(engine, "monitor") as conn:
+        for a in alerts:
+            if conn.execute(query("open_alert"), {"key": a.key, "message": a.message}).first():
+                due.append(("opened", a))
+            elif conn.execute(query("remind_alert"),
+                              {"key": a.key, "message": a.message, "every": reminder_seconds}).first():
+                due.append(("reminder", a))
+        for key, message in conn.execute(query("resolve_alerts"), {"keys": [a.key for a in alerts]}):
+            due.append(("resolved", Alert(str(key), str(message))))
+    return due
+
+
+def record_sample(engine: Engine, m: QueueMetrics, retention_days: int) -> list[int]:
+    """Store this run's figures and return the queue depths of the trend window (oldest first)."""
+    with engine.begin() as conn:
+        conn.execute(query("insert_monitor_sample"), {
+            "queue_depth": m.queue_depth, "sent": m.counts.get("sent", 0), "sent_age_max": m.sent_age_max,
+            "confirmation_rate": m.confirmation_rate})
+        conn.execute(query("prune_monitor_samples"), {"days": retention_days})
+        return [int(r[1]) for r in conn.execute(query("recent_monitor_samples"), {"minutes": 24 * 60})]

@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
@@ -151,3 +153,49 @@ def test_recovery_flow_run_records_its_actions_and_an_artifact(flow_env: dict[st
     assert rows[0].actor.startswith("recovery:resync_nonces:")
     artifact = Artifact.get("resync-nonces")
     assert artifact is not None and "no nonce waiting" in str(artifact.data)
+
+
+def _wait_for(condition: Any, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def test_alert_opens_reminds_and_resolves_through_a_prefect_automation(
+    flow_env: dict[str, str], chain: Deployment, embedded_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deployments.automations import ensure_alert_automation, notification_block_from_env
+    from flows.monitor import monitor_payments
+    from payments.alert_receiver import start_alert_receiver
+
+    receiver = start_alert_receiver(echo=False)
+    try:
+        monkeypatch.setenv("ALERT_WEBHOOK_URL", receiver.url)
+        block = notification_block_from_env()
+        assert block is not None
+        ensure_alert_automation(block)
+        time.sleep(3)  # the server's trigger service picks up the new automation
+        queue_many(embedded_engine, chain, 1)
+        send_payments(run_seconds=0, max_ticks=1)
+        with embedded_engine.begin() as conn:  # a payment 2 minutes in sent: over the seed's 60 s
+            conn.execute(text("UPDATE payment_queue SET sent_at = sent_at - interval '2 minutes'"))
+        assert monitor_payments()["notifications"] == ["opened:sent_age"]
+        assert _wait_for(lambda: len(receiver.received) == 1, 30), receiver.received
+        first = receiver.received[0]
+        assert "payments.alert.opened" in first["subject"] and "sent_age" in first["subject"]
+        assert "in sent for" in first["body"]
+        assert monitor_payments()["notifications"] == []  # still open, reminder not due: nothing sent
+        with embedded_engine.begin() as conn:
+            write_setting(conn, "alert_reminder_seconds", 0)
+        assert monitor_payments()["notifications"] == ["reminder:sent_age"]
+        confirm_payments(run_seconds=0, max_ticks=2)
+        assert monitor_payments()["notifications"] == ["resolved:sent_age"]
+        assert _wait_for(lambda: len(receiver.received) == 3, 30), receiver.received
+        kinds = sorted(r["subject"].split(":")[0] for r in receiver.received)
+        assert kinds == ["[payments] payments.alert.opened", "[payments] payments.alert.reminder",
+                         "[payments] payments.alert.resolved"]
+    finally:
+        receiver.stop()

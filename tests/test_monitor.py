@@ -87,3 +87,40 @@ def test_summary_lists_metrics_and_alerts() -> None:
     text_ = summary_markdown(bad, t, evaluate_alerts(bad, t))
     assert "50.0%" in text_ and "**confirmation_rate**" in text_
     assert "None." in summary_markdown(HEALTHY, t, [])
+
+
+def test_queue_trend_rule_needs_a_full_window_of_no_progress() -> None:
+    from tasks.monitor import queue_not_decreasing
+
+    assert queue_not_decreasing([5, 5, 6, 9, 9], 5)
+    assert not queue_not_decreasing([5, 5, 4, 9, 9], 5)  # it went down once
+    assert not queue_not_decreasing([0, 0, 0, 0, 0], 5)  # empty is not "under load"
+    assert not queue_not_decreasing([5, 6, 7], 5)  # not enough samples yet
+
+
+def test_gas_and_nonce_rules() -> None:
+    from tasks.monitor import SignerHealth
+
+    t = Thresholds(min_gas_balance_wei=100, nonce_drift=2)
+    ok = SignerHealth(address="0xa", balance_wei=100, mined_nonce=5, pending_nonce=7, local_nonce=8)
+    assert ok.drift == 1 and evaluate_alerts(HEALTHY, t, [ok]) == []
+    poor = dataclasses.replace(ok, balance_wei=99)
+    ahead = dataclasses.replace(ok, local_nonce=10)
+    elsewhere = dataclasses.replace(ok, pending_nonce=20)
+    assert [a.key for a in evaluate_alerts(HEALTHY, t, [poor])] == ["gas_low:0xa"]
+    assert [a.key for a in evaluate_alerts(HEALTHY, t, [ahead])] == ["nonce_drift:0xa"]
+    assert [a.key for a in evaluate_alerts(HEALTHY, t, [elsewhere])] == ["nonce_drift:0xa"]
+    fresh = dataclasses.replace(ok, local_nonce=None, pending_nonce=50)
+    assert fresh.drift == 0
+
+
+def test_alert_state_opens_once_reminds_and_resolves(engine: Engine) -> None:
+    from tasks.monitor import Alert, sync_alerts
+
+    a = Alert("sent_age", "too old")
+    assert [(k, x.key) for k, x in sync_alerts(engine, [a], 3600)] == [("opened", "sent_age")]
+    assert sync_alerts(engine, [a], 3600) == []  # still open, reminder not due: no spam
+    assert [k for k, _ in sync_alerts(engine, [a], 0)] == ["reminder"]
+    assert [(k, x.key) for k, x in sync_alerts(engine, [], 0)] == [("resolved", "sent_age")]
+    assert sync_alerts(engine, [], 0) == []
+    assert [k for k, _ in sync_alerts(engine, [a], 3600)] == ["opened"]  # a new episode
