@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Engine, text
 from tqdm import tqdm
 
+from payments.alert_receiver import start_alert_receiver
 from payments.db import make_engine
 from payments.localstack import (
     DATA_DIR,
@@ -97,6 +98,11 @@ def run(payments: int, timeout: float) -> int:
             "PREFECT_API_URL": server.api_url, "PREFECT_HOME": str(prefect_home()),
             "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_LOGGING_LEVEL": "WARNING",
         })
+        if not env.get("ALERT_WEBHOOK_URL") and not env.get("ALERT_SLACK_WEBHOOK_URL"):
+            receiver = start_alert_receiver(log_path=DATA_DIR / "alerts.jsonl")
+            stack.callback(receiver.stop)
+            env["ALERT_WEBHOOK_URL"] = receiver.url
+            print(f"• alert notifications go to the local receiver {receiver.url} (recorded in .data/alerts.jsonl)")
         serve_log = (DATA_DIR / "serve.log").open("wb")
         stack.callback(serve_log.close)
         serve = subprocess.Popen([sys.executable, "-m", "deployments.serve"], env=env, stdout=serve_log,

@@ -199,3 +199,19 @@ def test_alert_opens_reminds_and_resolves_through_a_prefect_automation(
                          "[payments] payments.alert.resolved"]
     finally:
         receiver.stop()
+
+
+def test_prefect_yaml_deploys_to_a_work_pool(prefect_api: str) -> None:
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PAYMENTS_CODE_DIR": str(REPO_ROOT)}
+    prefect = [sys.executable, "-m", "prefect"]
+    pool = subprocess.run([*prefect, "work-pool", "create", "payments", "--type", "process", "--overwrite"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert pool.returncode == 0, pool.stdout + pool.stderr
+    deploy = subprocess.run([*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        names = {d.name for d in client.read_deployments() if d.work_pool_name == "payments"}
+    assert names == {"send", "confirm", "monitor", "manual"}

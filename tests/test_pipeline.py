@@ -241,3 +241,15 @@ def test_two_lanes_settle_in_parallel_without_sharing_nonces(pipeline: Pipeline,
             "SELECT signer, array_agg(tx_nonce ORDER BY tx_nonce) FROM payment_queue GROUP BY signer")).all()
     assert sorted(list(n) for _, n in per_signer) == [list(range(15)), list(range(15))]
     assert statuses(pipeline.engine) == {"completed": 30}
+
+
+def test_signer_health_reads_balances_and_nonces(pipeline: Pipeline, chain: Deployment) -> None:
+    from tasks.monitor import read_signer_health
+
+    queue_many(pipeline.engine, chain, 2)
+    _send(pipeline)
+    first, second = read_signer_health(pipeline)
+    w3 = chain.w3()
+    assert first.balance_wei == w3.eth.get_balance(w3.to_checksum_address(first.address)) > 0
+    assert (first.mined_nonce, first.pending_nonce, first.local_nonce, first.drift) == (2, 2, 2, 0)
+    assert (second.mined_nonce, second.local_nonce, second.drift) == (0, None, 0)
