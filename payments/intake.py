@@ -67,7 +67,7 @@ def validate(auth: Authorization, mints: list[MintItem]) -> None:
 
 def enqueue_payment(
     engine: Engine, *, chain_id: int, token: str, auth: Authorization, mints: list[MintItem],
-    payment_id: str | None = None, actor: str = "intake",
+    payment_id: str | None = None, actor: str = "intake", x402_version: int = 2,
 ) -> tuple[str, bool]:
     """Queue a payment; returns (payment id, created). Raises InvalidPaymentError or
     DuplicatePaymentError without writing anything."""
@@ -78,7 +78,8 @@ def enqueue_payment(
         "id": pid, "chain_id": chain_id, "token": token, "payer": auth.payer.lower(), "pay_to": auth.pay_to.lower(),
         "amount": auth.value, "valid_after": auth.valid_after, "valid_before": auth.valid_before,
         "auth_nonce": auth.nonce.lower(), "signature": auth.signature.lower(),
-        "authorization": json.dumps({"authorization": auth.as_x402(), "signature": auth.signature}),
+        "authorization": json.dumps({"x402Version": x402_version, "authorization": auth.as_x402(),
+                                     "signature": auth.signature}),
     }
     with transaction(engine, actor) as conn:
         inserted = fetch_all(conn, "insert_payment", **params)

@@ -349,3 +349,38 @@ FROM monitor_samples WHERE at >= now() - make_interval(mins => :minutes) ORDER B
 
 -- prune_monitor_samples --
 DELETE FROM monitor_samples WHERE at < now() - make_interval(days => :days)
+
+-- find_product --
+SELECT id, chain_id, mint_token, payment_token, price_per_unit, amount_per_unit, pay_to, max_quantity
+FROM mint_products
+WHERE active AND chain_id = :chain_id AND (id = :token OR mint_token = lower(:token))
+
+-- upsert_product --
+INSERT INTO mint_products (id, chain_id, mint_token, payment_token, price_per_unit, amount_per_unit, pay_to,
+                           max_quantity, active)
+VALUES (:id, :chain_id, :mint_token, :payment_token, :price_per_unit, :amount_per_unit, :pay_to, :max_quantity,
+        :active)
+ON CONFLICT (id) DO UPDATE SET
+    mint_token = EXCLUDED.mint_token, payment_token = EXCLUDED.payment_token,
+    price_per_unit = EXCLUDED.price_per_unit, amount_per_unit = EXCLUDED.amount_per_unit, pay_to = EXCLUDED.pay_to,
+    max_quantity = EXCLUDED.max_quantity, active = EXCLUDED.active, updated_at = now()
+RETURNING id
+
+-- payment_status --
+SELECT id, chain_id, status, payer, pay_to, token, amount, tx_hash, tx_nonce, block_number, error, created_at,
+       processed_at, sent_at, confirmed_at, updated_at
+FROM payment_queue WHERE id = :id
+
+-- payment_transactions_of --
+SELECT tx_hash, nonce, kind, created_at, broadcast_at, broadcast_count, last_broadcast_error
+FROM payment_transactions WHERE payment_id = :id ORDER BY id
+
+-- payment_mints --
+SELECT mint_token, recipient, amount, status, released_at, cancelled_at FROM mint_queue
+WHERE payment_id = :id ORDER BY id
+
+-- payment_protocol_version --
+SELECT coalesce(("authorization" ->> 'x402Version')::int, 2) FROM payment_queue WHERE id = :id
+
+-- any_payment_token --
+SELECT payment_token FROM mint_products WHERE active ORDER BY created_at LIMIT 1

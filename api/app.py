@@ -1,0 +1,270 @@
+"""FastAPI application: x402 intake, payment status, queue statistics, operator endpoints.
+
+    POST /api/x402-batch-mint   {"token", "quantity", "recipient"?} + PAYMENT-SIGNATURE (v2) / X-PAYMENT (v1)
+    GET  /api/payment/{id}      status, every tx hash, mint progress; PAYMENT-RESPONSE once final
+    GET  /api/payment-stats     counts of all six statuses, queue depth, sent age, rates, percentiles
+    PUT  /api/admin/settings/{key}, PUT /api/admin/products/{id}   (X-API-Key)
+
+Every rejection is a 4xx with a stable `error` code (x402 invalidReason names where they exist) and
+writes nothing; error bodies carry no stack trace and no secret."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from eth_utils.address import to_checksum_address
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, field_validator
+from sqlalchemy import Engine
+
+from api.x402 import ERR_MALFORMED, Offer, PaymentRejected, Verifier, decode_payment, settlement_header
+from payments.config import require_env
+from payments.db import engine_for, fetch_all, query, transaction
+from payments.errors import ConfigurationError, DuplicatePaymentError, InvalidPaymentError
+from payments.intake import MintItem, enqueue_payment
+from payments.settings import write_setting
+from payments.statuses import PaymentStatus
+from tasks.monitor import compute_metrics, read_thresholds
+
+log = logging.getLogger("payments.api")
+MAX_BODY_BYTES = 16 * 1024
+MAX_HEADER_BYTES = 16 * 1024
+ADDRESS = r"^0x[0-9a-fA-F]{40}$"
+
+
+@dataclass
+class ApiConfig:
+    engine: Engine
+    chain_id: int
+    rpc_url: str
+    verifier_key: str = field(repr=False)
+    public_url: str = "http://127.0.0.1:8402"
+    api_key: str | None = field(default=None, repr=False)
+    token_name: str = "USD Coin"
+    token_version: str = "2"
+    max_timeout_seconds: int = 300
+
+    @classmethod
+    def from_env(cls) -> ApiConfig:
+        from web3 import Web3
+
+        from payments.chain import artifact
+        from payments.config import load_signers
+
+        rpc_url = require_env("RPC_URL")
+        w3 = Web3(Web3.HTTPProvider(rpc_url))
+        signers = load_signers()
+        token_name = os.environ.get("PAYMENT_TOKEN_NAME")
+        token_version = os.environ.get("PAYMENT_TOKEN_VERSION")
+        if not token_name or not token_version:
+            engine = engine_for(require_env("DATABASE_URL"))
+            with engine.connect() as conn:
+                row = conn.execute(query("any_payment_token")).first()
+            if row is None:
+                raise ConfigurationError("no active mint product: cannot tell the payment token's EIP-712 domain")
+            token = w3.eth.contract(address=Web3.to_checksum_address(row[0]), abi=artifact("PaymentToken")["abi"])
+            token_name = token_name or str(token.functions.name().call())
+            token_version = token_version or str(token.functions.version().call())
+        return cls(
+            engine=engine_for(require_env("DATABASE_URL")), chain_id=int(w3.eth.chain_id), rpc_url=rpc_url,
+            verifier_key="0x" + bytes(signers[0].account.key).hex(),
+            public_url=os.environ.get("PUBLIC_URL", "http://127.0.0.1:8402").rstrip("/"),
+            api_key=os.environ.get("PAYMENTS_API_KEY") or None, token_name=token_name, token_version=token_version,
+        )
+
+
+class MintRequest(BaseModel):
+    token: str = Field(min_length=1, max_length=64, description="mint product id or mint token address")
+    quantity: int = Field(ge=1, le=1_000_000)
+    recipient: str | None = Field(default=None, pattern=ADDRESS)
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        return v.strip()
+
+
+class ProductIn(BaseModel):
+    mint_token: str = Field(pattern=ADDRESS)
+    payment_token: str = Field(pattern=ADDRESS)
+    price_per_unit: int = Field(gt=0, lt=2**256)
+    amount_per_unit: int = Field(gt=0, lt=2**256)
+    pay_to: str = Field(pattern=ADDRESS)
+    max_quantity: int = Field(default=1000, ge=1, le=1_000_000)
+    active: bool = True
+
+
+class SettingIn(BaseModel):
+    value: str = Field(min_length=1, max_length=100)
+
+
+def _error(status: int, error: str, message: str = "", headers: dict[str, str] | None = None,
+           **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": error, "message": message, **extra}, status_code=status, headers=headers)
+
+
+def create_app(config: ApiConfig) -> FastAPI:
+    app = FastAPI(title="x402 payment pipeline", version="0.1.0")
+    verifier = Verifier(config.rpc_url, config.verifier_key)
+
+    @app.middleware("http")
+    async def limit_request_size(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return _error(413, "request_too_large", f"bodies are limited to {MAX_BODY_BYTES} bytes")
+        for name in ("payment-signature", "x-payment"):
+            if len(request.headers.get(name, "")) > MAX_HEADER_BYTES:
+                return _error(413, "request_too_large", f"{name} is limited to {MAX_HEADER_BYTES} bytes")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = sorted({".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in exc.errors()})
+        return _error(422, "invalid_request", "invalid or missing fields: " + ", ".join(f for f in fields if f))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, dict) else {"error": "http_error", "message": str(exc.detail)}
+        return JSONResponse(detail, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(500, "internal_error", "the request could not be processed")
+
+    def require_api_key(x_api_key: Annotated[str | None, Header()] = None) -> None:
+        if not config.api_key:
+            raise HTTPException(403, {"error": "operator_api_disabled", "message": "PAYMENTS_API_KEY is not set"})
+        if not x_api_key or not hmac.compare_digest(x_api_key, config.api_key):
+            raise HTTPException(401, {"error": "unauthorized", "message": "a valid X-API-Key header is required"})
+
+    def offer_for(body: MintRequest, request: Request) -> tuple[Offer, dict[str, Any]]:
+        with config.engine.connect() as conn:
+            rows = fetch_all(conn, "find_product", chain_id=config.chain_id, token=body.token)
+        if not rows:
+            raise HTTPException(404, {"error": "unknown_token", "message": f"no mint product {body.token!r}"})
+        product = rows[0]
+        if body.quantity > int(product["max_quantity"]):
+            raise HTTPException(422, {"error": "quantity_too_large",
+                                      "message": f"at most {product['max_quantity']} per payment"})
+        offer = Offer(
+            chain_id=config.chain_id, asset=to_checksum_address(product["payment_token"]),
+            amount=int(product["price_per_unit"]) * body.quantity, pay_to=to_checksum_address(product["pay_to"]),
+            resource_url=f"{config.public_url}/api/x402-batch-mint",
+            description=f"mint {body.quantity} x {product['id']}", max_timeout_seconds=config.max_timeout_seconds,
+            token_name=config.token_name, token_version=config.token_version,
+        )
+        return offer, product
+
+    @app.post("/api/x402-batch-mint", status_code=202)
+    def x402_batch_mint(
+        body: MintRequest, request: Request,
+        payment_signature: Annotated[str | None, Header(alias="PAYMENT-SIGNATURE")] = None,
+        x_payment: Annotated[str | None, Header(alias="X-PAYMENT")] = None,
+    ) -> Any:
+        offer, product = offer_for(body, request)
+        header = payment_signature or x_payment
+        if not header:
+            headers, challenge = offer.challenge("payment required")
+            return JSONResponse(challenge, status_code=402, headers=headers)
+        try:
+            verified = verifier.verify(decode_payment(header), offer)
+        except PaymentRejected as rejected:
+            headers, challenge = offer.challenge(rejected.reason)
+            return JSONResponse({**challenge, "error": rejected.reason}, status_code=402, headers=headers)
+        auth = verified.authorization
+        recipient = body.recipient or auth.payer
+        mint = MintItem(product["mint_token"], recipient, int(product["amount_per_unit"]) * body.quantity)
+        try:
+            payment_id, created = enqueue_payment(config.engine, chain_id=config.chain_id, token=offer.asset,
+                                                  auth=auth, mints=[mint], actor="api",
+                                                  x402_version=verified.version)
+        except DuplicatePaymentError as dup:
+            return _error(409, "duplicate_authorization", "this authorization was already used for another "
+                          "request", paymentId=dup.existing_id)
+        except InvalidPaymentError as bad:
+            headers, challenge = offer.challenge(ERR_MALFORMED)
+            return JSONResponse({**challenge, "error": ERR_MALFORMED, "message": bad.message}, status_code=402,
+                                headers=headers)
+        return JSONResponse({"paymentId": payment_id, "status": "pending",
+                             "statusUrl": f"{config.public_url}/api/payment/{payment_id}"},
+                            status_code=202 if created else 200)
+
+    @app.get("/api/payment/{payment_id}")
+    def payment_status(payment_id: Annotated[str, Path(max_length=64)]) -> Any:
+        with config.engine.connect() as conn:
+            rows = fetch_all(conn, "payment_status", id=payment_id)
+            if not rows:
+                raise HTTPException(404, {"error": "unknown_payment", "message": "no such payment"})
+            row = rows[0]
+            txs = fetch_all(conn, "payment_transactions_of", id=payment_id)
+            mints = fetch_all(conn, "payment_mints", id=payment_id)
+            version = int(conn.execute(query("payment_protocol_version"), {"id": payment_id}).scalar_one())
+        status = PaymentStatus(row["status"])
+        body = {
+            "paymentId": row["id"], "status": status.value, "final": status.is_terminal,
+            "failed": status.is_failure, "payer": row["payer"], "payTo": row["pay_to"], "asset": row["token"],
+            "amount": str(row["amount"]), "transaction": row["tx_hash"], "blockNumber": row["block_number"],
+            "error": row["error"],
+            "transactions": [{"hash": t["tx_hash"], "nonce": t["nonce"], "kind": t["kind"],
+                              "state": ("mined" if row["tx_hash"] == t["tx_hash"] and row["block_number"]
+                                        else "broadcast" if t["broadcast_at"] else "signed"),
+                              "broadcastCount": t["broadcast_count"]} for t in txs],
+            "mints": [{"token": m["mint_token"], "recipient": m["recipient"], "amount": str(m["amount"]),
+                       "status": m["status"]} for m in mints],
+            "createdAt": _iso(row["created_at"]), "processedAt": _iso(row["processed_at"]),
+            "sentAt": _iso(row["sent_at"]), "confirmedAt": _iso(row["confirmed_at"]),
+        }
+        headers = {}
+        if status.is_terminal and row["tx_hash"]:
+            name, value = settlement_header(version, success=status is PaymentStatus.COMPLETED,
+                                            transaction=row["tx_hash"], chain_id=row["chain_id"], payer=row["payer"],
+                                            error_reason=None if status is PaymentStatus.COMPLETED else status.value)
+            headers[name] = value
+        return JSONResponse(body, headers=headers)
+
+    @app.get("/api/payment-stats")
+    def payment_stats() -> Any:
+        with config.engine.connect() as conn:
+            thresholds = read_thresholds(conn)
+            m = compute_metrics(conn, thresholds)
+        return {
+            "counts": m.counts, "queueDepth": m.queue_depth,
+            "oldestSentAgeSeconds": m.sent_age_max, "sentAgeMeanSeconds": m.sent_age_mean,
+            "sentAgeP95Seconds": m.sent_age_p95, "confirmationRate": m.confirmation_rate,
+            "confirmationRateWindowMinutes": thresholds.window_minutes,
+            "processingTimeP50Seconds": m.processing_time_p50, "processingTimeP95Seconds": m.processing_time_p95,
+        }
+
+    @app.put("/api/admin/settings/{key}", dependencies=[Depends(require_api_key)])
+    def put_setting(key: Annotated[str, Path(pattern=r"^[a-z][a-z0-9_]{0,62}$")], body: SettingIn) -> Any:
+        try:
+            with config.engine.begin() as conn:
+                write_setting(conn, key, body.value)
+        except ConfigurationError as bad:
+            raise HTTPException(422, {"error": "invalid_setting", "message": str(bad)}) from None
+        return {"key": key, "value": body.value}
+
+    @app.put("/api/admin/products/{product_id}", dependencies=[Depends(require_api_key)])
+    def put_product(product_id: Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")],
+                    body: ProductIn) -> Any:
+        with transaction(config.engine, "api-admin") as conn:
+            conn.execute(query("upsert_product"), {
+                "id": product_id, "chain_id": config.chain_id, "mint_token": body.mint_token.lower(),
+                "payment_token": body.payment_token.lower(), "price_per_unit": body.price_per_unit,
+                "amount_per_unit": body.amount_per_unit, "pay_to": body.pay_to.lower(),
+                "max_quantity": body.max_quantity, "active": body.active})
+        return {"id": product_id, **body.model_dump(), "price_per_unit": str(body.price_per_unit),
+                "amount_per_unit": str(body.amount_per_unit)}
+
+    return app
+
+
+def _iso(value: Any) -> str | None:
+    return None if value is None else value.isoformat()

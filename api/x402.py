@@ -1,0 +1,160 @@
+"""x402 protocol glue (scheme `exact` on EVM), built on the official `x402` package: its schemas and
+header codecs for the wire format, and its facilitator-side `ExactEvmScheme.verify` for the checks a
+facilitator makes (scheme/network, recipient, exact amount, validity window, EIP-712 signature,
+authorization nonce unused, balance by simulation). Settlement is NOT done here: verified payments are
+queued and settled by the pipeline, which is the point of the queue."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from x402.http.utils import (
+    decode_payment_signature_header,
+    encode_payment_required_header,
+    encode_payment_response_header,
+)
+from x402.mechanisms.evm.exact.facilitator import ExactEvmScheme
+from x402.mechanisms.evm.signers import FacilitatorWeb3Signer
+from x402.mechanisms.evm.v1.constants import V1_NETWORK_CHAIN_IDS
+from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse
+from x402.schemas.v1 import PaymentPayloadV1, PaymentRequiredV1, PaymentRequirementsV1
+
+from payments.eip3009 import Authorization
+
+SCHEME = "exact"
+ERR_MALFORMED = "invalid_payload"
+ERR_UNSUPPORTED_SCHEME = "unsupported_scheme"
+ERR_NETWORK_MISMATCH = "invalid_network"
+
+
+def v1_network_name(chain_id: int) -> str | None:
+    """The v1 name of a chain (v1 only knows named public networks)."""
+    return next((name for name, cid in V1_NETWORK_CHAIN_IDS.items() if cid == chain_id), None)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What one request costs: the x402 payment requirements of a product and quantity."""
+
+    chain_id: int
+    asset: str
+    amount: int
+    pay_to: str
+    resource_url: str
+    description: str
+    max_timeout_seconds: int
+    token_name: str
+    token_version: str
+
+    @property
+    def network(self) -> str:
+        return f"eip155:{self.chain_id}"
+
+    def requirements(self) -> PaymentRequirements:
+        return PaymentRequirements(
+            scheme=SCHEME, network=self.network, asset=self.asset, amount=str(self.amount), pay_to=self.pay_to,
+            max_timeout_seconds=self.max_timeout_seconds,
+            extra={"name": self.token_name, "version": self.token_version},
+        )
+
+    def payment_required(self, error: str | None) -> PaymentRequired:
+        return PaymentRequired(
+            x402_version=2, error=error, accepts=[self.requirements()],
+            resource=ResourceInfo(url=self.resource_url, description=self.description,
+                                  mime_type="application/json"),
+        )
+
+    def payment_required_v1(self, error: str | None) -> PaymentRequiredV1 | None:
+        name = v1_network_name(self.chain_id)
+        if name is None:
+            return None
+        return PaymentRequiredV1(
+            x402_version=1, error=error,
+            accepts=[PaymentRequirementsV1(
+                scheme=SCHEME, network=name, max_amount_required=str(self.amount), resource=self.resource_url,
+                description=self.description, mime_type="application/json", pay_to=self.pay_to,
+                max_timeout_seconds=self.max_timeout_seconds, asset=self.asset,
+                extra={"name": self.token_name, "version": self.token_version})],
+        )
+
+    def challenge(self, error: str | None) -> tuple[dict[str, str], dict[str, Any]]:
+        """402 headers (v2: PAYMENT-REQUIRED) and body (v1 requirements where the chain has a v1 name,
+        else the v2 object)."""
+        v2 = self.payment_required(error)
+        headers = {"PAYMENT-REQUIRED": encode_payment_required_header(v2)}
+        v1 = self.payment_required_v1(error)
+        body = (v1 or v2).model_dump(by_alias=True, exclude_none=True)
+        return headers, body
+
+
+class PaymentRejected(Exception):
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class VerifiedPayment:
+    version: int
+    authorization: Authorization
+
+
+def decode_payment(header_value: str) -> PaymentPayload | PaymentPayloadV1:
+    try:
+        return decode_payment_signature_header(header_value)
+    except Exception:
+        raise PaymentRejected(ERR_MALFORMED, "payment header is not base64 of an x402 PaymentPayload") from None
+
+
+def _authorization(payload: dict[str, Any]) -> Authorization:
+    try:
+        auth, signature = payload["authorization"], payload["signature"]
+        return Authorization(
+            payer=str(auth["from"]), pay_to=str(auth["to"]), value=int(auth["value"]),
+            valid_after=int(auth["validAfter"]), valid_before=int(auth["validBefore"]), nonce=str(auth["nonce"]),
+            signature=str(signature),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise PaymentRejected(ERR_MALFORMED, "payload.authorization or payload.signature is malformed") from None
+
+
+class Verifier:
+    """Facilitator-side verification through x402's ExactEvmScheme (reads and simulates; never settles)."""
+
+    def __init__(self, rpc_url: str, key: str) -> None:
+        self._scheme = ExactEvmScheme(FacilitatorWeb3Signer(private_key=key, rpc_url=rpc_url))
+
+    def verify(self, payload: PaymentPayload | PaymentPayloadV1, offer: Offer) -> VerifiedPayment:
+        if isinstance(payload, PaymentPayloadV1):
+            if payload.scheme != SCHEME:
+                raise PaymentRejected(ERR_UNSUPPORTED_SCHEME, f"scheme {payload.scheme!r} is not offered")
+            if payload.network != v1_network_name(offer.chain_id):
+                raise PaymentRejected(ERR_NETWORK_MISMATCH, f"network {payload.network!r} is not offered")
+            # the v1 payload carries the same EIP-3009 authorization: verify it as v2 against this offer
+            v2 = PaymentPayload(x402_version=2, payload=payload.payload, accepted=offer.requirements())
+            version = 1
+        else:
+            if payload.accepted.scheme != SCHEME:
+                raise PaymentRejected(ERR_UNSUPPORTED_SCHEME, f"scheme {payload.accepted.scheme!r} is not offered")
+            if payload.accepted.network != offer.network:
+                raise PaymentRejected(ERR_NETWORK_MISMATCH, f"network {payload.accepted.network!r} is not offered")
+            v2, version = payload, 2
+        authorization = _authorization(v2.payload)
+        try:
+            result = self._scheme.verify(v2, offer.requirements())
+        except Exception as exc:  # the x402 verifier could not read the chain
+            raise PaymentRejected("invalid_exact_evm_failed_to_verify_signature", type(exc).__name__) from None
+        if not result.is_valid:
+            raise PaymentRejected(str(result.invalid_reason), "")
+        return VerifiedPayment(version=version, authorization=authorization)
+
+
+def settlement_header(version: int, *, success: bool, transaction: str, chain_id: int, payer: str,
+                      error_reason: str | None = None) -> tuple[str, str]:
+    """(header name, value) of the settlement response for the client's protocol version."""
+    network = f"eip155:{chain_id}" if version == 2 else (v1_network_name(chain_id) or f"eip155:{chain_id}")
+    value = encode_payment_response_header(SettleResponse(success=success, transaction=transaction, network=network,
+                                                          payer=payer, error_reason=error_reason))
+    return ("PAYMENT-RESPONSE" if version == 2 else "X-PAYMENT-RESPONSE"), value

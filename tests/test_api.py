@@ -1,0 +1,271 @@
+"""The x402 API on real PostgreSQL and anvil: the 402 challenge, every rejection reason with nothing
+written, idempotency and 409, status with the settlement header, statistics, operator endpoints, a
+fuzz of the request surface with no 5xx, and the official x402 client buying end to end."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import text
+from x402.http.utils import (
+    decode_payment_required_header,
+    decode_payment_response_header,
+    encode_payment_signature_header,
+)
+from x402.schemas import PaymentPayload, PaymentRequirements
+
+from api.app import ApiConfig, create_app
+from payments.eip3009 import Authorization
+from payments.localstack import Deployment
+from tasks.common import Pipeline, new_owner_id
+from tasks.confirm import confirm_tick
+from tasks.send import send_lane_tick
+from tests.helpers import PRICE, authorize, balance, chain_time, mint_statuses, statuses
+from tests.test_recovery import FAST, _settle_directly
+
+pytestmark = pytest.mark.chain
+
+API_KEY = "test-operator-key"
+MINT_PER_UNIT = 10**18
+
+
+@pytest.fixture
+def api(pipeline: Pipeline, chain: Deployment) -> Iterator[TestClient]:
+    config = ApiConfig(engine=pipeline.engine, chain_id=chain.chain_id, rpc_url=chain.rpc_url,
+                       verifier_key="0x" + bytes(chain.signers[0].key).hex(), public_url="http://testserver",
+                       api_key=API_KEY)
+    client = TestClient(create_app(config), raise_server_exceptions=False)
+    response = client.put("/api/admin/products/demo-mint", headers={"X-API-Key": API_KEY}, json={
+        "mint_token": chain.mint_token, "payment_token": chain.payment_token, "price_per_unit": PRICE,
+        "amount_per_unit": MINT_PER_UNIT, "pay_to": chain.merchant, "max_quantity": 100})
+    assert response.status_code == 200, response.text
+    yield client
+
+
+def _requirements(api: TestClient, quantity: int = 1) -> PaymentRequirements:
+    response = api.post("/api/x402-batch-mint", json={"token": "demo-mint", "quantity": quantity})
+    assert response.status_code == 402
+    return decode_payment_required_header(response.headers["PAYMENT-REQUIRED"]).accepts[0]  # type: ignore[return-value]
+
+
+def _header(req: PaymentRequirements, auth: Authorization, **accepted: Any) -> str:
+    payload = PaymentPayload(x402_version=2, payload={"authorization": auth.as_x402(), "signature": auth.signature},
+                             accepted=req.model_copy(update=accepted))
+    return encode_payment_signature_header(payload)
+
+
+def _buy(api: TestClient, header: str, quantity: int = 1, **body: Any) -> Any:
+    return api.post("/api/x402-batch-mint", json={"token": "demo-mint", "quantity": quantity, **body},
+                    headers={"PAYMENT-SIGNATURE": header})
+
+
+def _nothing_written(pipeline: Pipeline) -> bool:
+    with pipeline.engine.connect() as conn:
+        return all(conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one() == 0
+                   for t in ("payment_queue", "mint_queue", "payment_events"))
+
+
+def test_challenge_carries_the_x402_requirements(api: TestClient, chain: Deployment) -> None:
+    response = api.post("/api/x402-batch-mint", json={"token": "demo-mint", "quantity": 3})
+    assert response.status_code == 402
+    required = decode_payment_required_header(response.headers["PAYMENT-REQUIRED"])
+    assert required.x402_version == 2 and required.resource is not None
+    assert required.resource.url == "http://testserver/api/x402-batch-mint"
+    (req,) = required.accepts
+    assert (req.scheme, req.network, req.amount) == ("exact", "eip155:31337", str(3 * PRICE))
+    assert req.pay_to.lower() == chain.merchant.lower() and req.asset.lower() == chain.payment_token.lower()
+    assert req.max_timeout_seconds == 300 and req.extra == {"name": "USD Coin", "version": "2"}
+    assert response.json()["accepts"][0]["amount"] == str(3 * PRICE)  # no v1 name for 31337: v2 body
+    by_address = api.post("/api/x402-batch-mint", json={"token": chain.mint_token, "quantity": 1})
+    assert by_address.status_code == 402
+
+
+def test_valid_payment_is_queued_with_its_mint(api: TestClient, pipeline: Pipeline, chain: Deployment) -> None:
+    req = _requirements(api, 2)
+    buyer, friend = chain.buyers[0], chain.buyers[1]
+    response = _buy(api, _header(req, authorize(chain, buyer, value=2 * PRICE)), 2, recipient=friend.address)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["status"] == "pending" and body["statusUrl"].endswith(body["paymentId"])
+    with pipeline.engine.connect() as conn:
+        mint = conn.execute(text("SELECT recipient, amount, status FROM mint_queue")).one()
+    assert (mint.recipient, int(mint.amount), mint.status) == (friend.address.lower(), 2 * MINT_PER_UNIT, "waiting")
+
+
+def test_the_same_authorization_is_idempotent_and_a_changed_body_is_409(api: TestClient, chain: Deployment) -> None:
+    req = _requirements(api)
+    auth = authorize(chain, chain.buyers[0])
+    first = _buy(api, _header(req, auth))
+    again = _buy(api, _header(req, auth))
+    assert first.status_code == 202 and again.status_code == 200
+    assert first.json()["paymentId"] == again.json()["paymentId"]
+    double = authorize(chain, chain.buyers[0], value=2 * PRICE, nonce=auth.nonce)
+    conflict = _buy(api, _header(_requirements(api, 2), double), 2)
+    assert conflict.status_code == 409 and conflict.json()["error"] == "duplicate_authorization"
+    assert conflict.json()["paymentId"] == first.json()["paymentId"]
+
+
+def test_every_rejection_has_a_reason_and_writes_nothing(api: TestClient, pipeline: Pipeline,
+                                                         chain: Deployment) -> None:
+    req = _requirements(api)
+    buyer = chain.buyers[2]
+    now = chain_time(chain)
+    used = authorize(chain, buyer)
+    _settle_directly(chain, used)
+    forged = authorize(chain, buyer)
+    forged = Authorization(**{**forged.__dict__, "payer": chain.buyers[3].address})
+    cases = {
+        "invalid_exact_evm_payload_authorization_value_mismatch": _header(req, authorize(chain, buyer,
+                                                                                       value=PRICE - 1)),
+        "invalid_exact_evm_payload_recipient_mismatch": _header(req, authorize(chain, buyer, pay_to=buyer.address)),
+        "invalid_exact_evm_payload_authorization_valid_before": _header(req, authorize(chain, buyer,
+                                                                                     valid_before=now - 60)),
+        "invalid_exact_evm_payload_authorization_valid_after": _header(req, authorize(
+            chain, buyer, valid_after=int(time.time()) + 3600, valid_before=int(time.time()) + 7200)),
+        "invalid_exact_evm_payload_signature": _header(req, forged),
+        "invalid_exact_evm_nonce_already_used": _header(req, used),
+        "unsupported_scheme": _header(req, authorize(chain, buyer), scheme="upto"),
+        "invalid_network": _header(req, authorize(chain, buyer), network="eip155:1"),
+        "invalid_payload": base64.b64encode(b"not json").decode(),
+    }
+    # a product that costs more than a buyer's 1,000 tokens
+    expensive = 2_000 * 10**6
+    api.put("/api/admin/products/pricey", headers={"X-API-Key": API_KEY}, json={
+        "mint_token": chain.deployer.address, "payment_token": chain.payment_token, "price_per_unit": expensive,
+        "amount_per_unit": 1, "pay_to": chain.merchant})
+    pricey = api.post("/api/x402-batch-mint", json={"token": "pricey", "quantity": 1})
+    pricey_req = decode_payment_required_header(pricey.headers["PAYMENT-REQUIRED"]).accepts[0]
+    cases["invalid_exact_evm_insufficient_balance"] = _header(
+        pricey_req, authorize(chain, chain.buyers[4], value=expensive))  # type: ignore[arg-type]
+    for reason, header in cases.items():
+        token = "pricey" if reason == "invalid_exact_evm_insufficient_balance" else "demo-mint"
+        response = api.post("/api/x402-batch-mint", json={"token": token, "quantity": 1},
+                            headers={"PAYMENT-SIGNATURE": header})
+        assert response.status_code == 402, (reason, response.text)
+        assert response.json()["error"] == reason, (reason, response.json())
+        assert "PAYMENT-REQUIRED" in response.headers
+    assert _nothing_written(pipeline)
+
+
+def test_request_errors_are_4xx_without_internals(api: TestClient) -> None:
+    unknown = api.post("/api/x402-batch-mint", json={"token": "nope", "quantity": 1})
+    assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_token"
+    bad = api.post("/api/x402-batch-mint", json={"token": "demo-mint", "quantity": 0, "recipient": "x"})
+    assert bad.status_code == 422 and bad.json()["error"] == "invalid_request"
+    assert "quantity" in bad.json()["message"] and "Traceback" not in bad.text
+    too_many = api.post("/api/x402-batch-mint", json={"token": "demo-mint", "quantity": 101})
+    assert too_many.status_code == 422 and too_many.json()["error"] == "quantity_too_large"
+    huge = api.post("/api/x402-batch-mint", content=b"{" + b" " * 20_000 + b"}",
+                    headers={"Content-Type": "application/json"})
+    assert huge.status_code == 413
+    assert api.get("/api/payment/pay_doesnotexist").status_code == 404
+
+
+def test_status_shows_progress_and_the_settlement_response(api: TestClient, pipeline: Pipeline,
+                                                          chain: Deployment) -> None:
+    req = _requirements(api)
+    pid = _buy(api, _header(req, authorize(chain, chain.buyers[0]))).json()["paymentId"]
+    pending = api.get(f"/api/payment/{pid}")
+    assert pending.json()["status"] == "pending" and not pending.json()["final"]
+    assert "PAYMENT-RESPONSE" not in pending.headers
+    send_lane_tick(pipeline, pipeline.signers[0], new_owner_id("t"), FAST)
+    sent = api.get(f"/api/payment/{pid}").json()
+    assert sent["status"] == "sent" and sent["transaction"] and sent["transactions"][0]["state"] == "broadcast"
+    confirm_tick(pipeline, "t", FAST)
+    done = api.get(f"/api/payment/{pid}")
+    body = done.json()
+    assert body["status"] == "completed" and body["final"] and not body["failed"]
+    assert body["mints"] == [{"token": chain.mint_token.lower(), "recipient": chain.buyers[0].address.lower(),
+                              "amount": str(MINT_PER_UNIT), "status": "released"}]
+    settled = decode_payment_response_header(done.headers["PAYMENT-RESPONSE"])
+    assert settled.success and settled.transaction == body["transaction"] and settled.network == "eip155:31337"
+    assert settled.payer is not None and settled.payer.lower() == chain.buyers[0].address.lower()
+
+
+def test_stats_count_all_six_statuses(api: TestClient, chain: Deployment) -> None:
+    req = _requirements(api)
+    _buy(api, _header(req, authorize(chain, chain.buyers[0])))
+    stats = api.get("/api/payment-stats").json()
+    assert set(stats["counts"]) == {"pending", "processing", "sent", "completed", "failed", "confirmation_failed"}
+    assert stats["counts"]["pending"] == 1 and stats["queueDepth"] == 1
+    assert {"oldestSentAgeSeconds", "confirmationRate", "processingTimeP50Seconds",
+            "processingTimeP95Seconds"} <= set(stats)
+
+
+def test_operator_endpoints_need_the_api_key(api: TestClient) -> None:
+    assert api.put("/api/admin/settings/payment_batch_size", json={"value": "50"}).status_code == 401
+    wrong = api.put("/api/admin/settings/payment_batch_size", json={"value": "50"}, headers={"X-API-Key": "nope"})
+    assert wrong.status_code == 401
+    ok = api.put("/api/admin/settings/payment_batch_size", json={"value": "50"}, headers={"X-API-Key": API_KEY})
+    assert ok.status_code == 200
+    invalid = api.put("/api/admin/settings/payment_batch_size", json={"value": "0"}, headers={"X-API-Key": API_KEY})
+    assert invalid.status_code == 422 and invalid.json()["error"] == "invalid_setting"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.one_of(st.none(), st.dictionaries(st.sampled_from(["token", "quantity", "recipient", "x"]),
+                                                 st.one_of(st.none(), st.integers(), st.text(max_size=50),
+                                                           st.booleans()), max_size=4)),
+       header=st.one_of(st.none(), st.text(max_size=200), st.binary(max_size=200).map(
+           lambda b: base64.b64encode(b).decode())))
+def test_fuzzed_requests_never_cause_a_server_error(api: TestClient, body: Any, header: str | None) -> None:
+    headers = {"PAYMENT-SIGNATURE": header} if header and header.isascii() and header.isprintable() else {}
+    response = api.post("/api/x402-batch-mint", content=json.dumps(body), headers={
+        "Content-Type": "application/json", **headers})
+    assert response.status_code < 500, response.text
+    assert api.get(f"/api/payment/{quote((header or 'x')[:60], safe='')}").status_code < 500
+
+
+# --------------------------------------------------------------------------- the official client, end to end
+
+
+@pytest.fixture
+def live_api(pipeline: Pipeline, chain: Deployment, api: TestClient) -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = ApiConfig(engine=pipeline.engine, chain_id=chain.chain_id, rpc_url=chain.rpc_url,
+                       verifier_key="0x" + bytes(chain.signers[0].key).hex(), public_url=f"http://127.0.0.1:{port}")
+    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_the_official_x402_client_buys_a_mint(live_api: str, pipeline: Pipeline, chain: Deployment) -> None:
+    from x402 import x402ClientSync
+    from x402.http.clients import x402_requests
+    from x402.mechanisms.evm.exact.register import register_exact_evm_client
+
+    buyer = chain.buyers[5]
+    client = register_exact_evm_client(x402ClientSync(), buyer).set_spend_controls(False)
+    session = x402_requests(client)
+    before = balance(chain, chain.merchant)
+    response = session.post(f"{live_api}/api/x402-batch-mint", json={"token": "demo-mint", "quantity": 2},
+                            timeout=30)
+    assert response.status_code == 202, response.text
+    pid = response.json()["paymentId"]
+    send_lane_tick(pipeline, pipeline.signers[0], new_owner_id("t"), FAST)
+    confirm_tick(pipeline, "t", FAST)
+    status = session.get(response.json()["statusUrl"], timeout=30)
+    assert status.json()["status"] == "completed"
+    assert decode_payment_response_header(status.headers["PAYMENT-RESPONSE"]).success
+    assert balance(chain, chain.merchant) == before + 2 * PRICE
+    assert statuses(pipeline.engine) == {"completed": 1} and mint_statuses(pipeline.engine) == {"released": 1}
+    assert pid.startswith("pay_")
