@@ -217,7 +217,7 @@ def create_app(config: ApiConfig) -> FastAPI:
                                         else "broadcast" if t["broadcast_at"] else "signed"),
                               "broadcastCount": t["broadcast_count"]} for t in txs],
             "mints": [{"token": m["mint_token"], "recipient": m["recipient"], "amount": str(m["amount"]),
-                       "status": m["status"]} for m in mints],
+                       "status": m["status"], "transaction": m["tx_hash"]} for m in mints],
             "createdAt": _iso(row["created_at"]), "processedAt": _iso(row["processed_at"]),
             "sentAt": _iso(row["sent_at"]), "confirmedAt": _iso(row["confirmed_at"]),
         }

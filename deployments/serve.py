@@ -17,6 +17,7 @@ from sqlalchemy import text
 
 from deployments.automations import main as configure_alerts
 from flows.confirm import confirm_payments
+from flows.mint import mint_tokens
 from flows.monitor import monitor_payments
 from flows.recovery import RECOVERY_FLOWS
 from flows.send import send_payments
@@ -26,6 +27,7 @@ from payments.settings import PipelineSettings, read_settings
 
 SEND_DEPLOYMENT = "send-payments/send"
 CONFIRM_DEPLOYMENT = "confirm-payments/confirm"
+MINT_DEPLOYMENT = "mint-tokens/mint"
 
 
 def build_deployments(settings: PipelineSettings, monitor_interval_seconds: int = 30) -> list[RunnerDeployment]:
@@ -46,6 +48,13 @@ def build_deployments(settings: PipelineSettings, monitor_interval_seconds: int 
         tags=["payments", "confirm"],
         description="Apply receipts, release mints, handle stuck transactions (ticks every confirmation_interval_ms)",
     )
+    mint = mint_tokens.to_deployment(
+        name="mint",
+        interval=timedelta(seconds=max(settings.confirm_run_seconds, 5)),
+        concurrency_limit=limit,
+        tags=["payments", "mint"],
+        description="Mint what completed payments bought, from the minter wallet, and confirm it",
+    )
     monitor = monitor_payments.to_deployment(
         name="monitor",
         interval=timedelta(seconds=monitor_interval_seconds),
@@ -58,7 +67,7 @@ def build_deployments(settings: PipelineSettings, monitor_interval_seconds: int 
                         description="Run by hand from the UI; dry_run defaults to true")
         for f in RECOVERY_FLOWS
     ]
-    return [cast(RunnerDeployment, d) for d in (send, confirm, monitor, *recovery)]
+    return [cast(RunnerDeployment, d) for d in (send, confirm, mint, monitor, *recovery)]
 
 
 def main() -> None:

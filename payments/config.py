@@ -51,6 +51,24 @@ def signer_from_key(key: str) -> Signer:
         raise ConfigurationError("a signer private key is malformed") from exc
 
 
+def _keys_from_secret_blocks(names: list[str]) -> list[str]:
+    from prefect.blocks.system import Secret
+
+    return [str(Secret.load(name).get()) for name in names]  # type: ignore[union-attr]
+
+
+def load_minter() -> Signer:
+    """The wallet that mints what was bought: MINTER_PRIVATE_KEY or the Prefect Secret block named in
+    MINTER_KEY_SECRET_BLOCK. It should hold the mint token's minter role and nothing else."""
+    key = os.environ.get("MINTER_PRIVATE_KEY", "").strip()
+    block = os.environ.get("MINTER_KEY_SECRET_BLOCK", "").strip()
+    if not key and block:
+        key = _keys_from_secret_blocks([block])[0]
+    if not key:
+        raise ConfigurationError("no minter configured: set MINTER_PRIVATE_KEY or MINTER_KEY_SECRET_BLOCK")
+    return signer_from_key(key)
+
+
 def load_signers() -> list[Signer]:
     """Hot wallets from SIGNER_PRIVATE_KEYS, else from the Prefect Secret blocks named in
     SIGNER_KEY_SECRET_BLOCKS."""
@@ -58,9 +76,7 @@ def load_signers() -> list[Signer]:
     keys: list[str] = [k for k in raw.split(",") if k.strip()] if raw else []
     blocks = [b.strip() for b in os.environ.get("SIGNER_KEY_SECRET_BLOCKS", "").split(",") if b.strip()]
     if not keys and blocks:
-        from prefect.blocks.system import Secret
-
-        keys = [str(Secret.load(name).get()) for name in blocks]  # type: ignore[union-attr]
+        keys = _keys_from_secret_blocks(blocks)
     if not keys:
         raise ConfigurationError("no signer configured: set SIGNER_PRIVATE_KEYS or SIGNER_KEY_SECRET_BLOCKS")
     signers = [signer_from_key(k) for k in keys]

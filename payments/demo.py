@@ -95,7 +95,9 @@ def run(payments: int, timeout: float) -> int:
         env = dict(os.environ)
         env.update({
             "DATABASE_URL": database_url, "RPC_URL": rpc_url, "SIGNER_PRIVATE_KEYS": signer_keys,
-            "PREFECT_API_URL": server.api_url, "PREFECT_HOME": str(prefect_home()),
+            "PREFECT_API_URL": server.api_url,
+            "MINTER_PRIVATE_KEY": os.environ.get("MINTER_PRIVATE_KEY") or "0x" + bytes(deployment.minter.key).hex(),
+            "PREFECT_HOME": str(prefect_home()),
             "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_LOGGING_LEVEL": "WARNING",
         })
         if not env.get("ALERT_WEBHOOK_URL") and not env.get("ALERT_SLACK_WEBHOOK_URL"):
@@ -116,9 +118,9 @@ def run(payments: int, timeout: float) -> int:
         os.environ["PREFECT_API_URL"] = server.api_url
         from prefect.deployments import run_deployment
 
-        from deployments.serve import CONFIRM_DEPLOYMENT, SEND_DEPLOYMENT
+        from deployments.serve import CONFIRM_DEPLOYMENT, MINT_DEPLOYMENT, SEND_DEPLOYMENT
         triggered = time.time()
-        _trigger(run_deployment, [SEND_DEPLOYMENT, CONFIRM_DEPLOYMENT], serve)
+        _trigger(run_deployment, [SEND_DEPLOYMENT, CONFIRM_DEPLOYMENT, MINT_DEPLOYMENT], serve)
 
         deadline = time.monotonic() + timeout
         with tqdm(total=payments, unit="payment", desc="terminal", file=sys.stderr, mininterval=0.5) as bar:
@@ -132,10 +134,12 @@ def run(payments: int, timeout: float) -> int:
                 time.sleep(0.25)
         counts = _counts(engine)
         timing = _timings(engine)
+        mints = _wait_for_mints(engine, counts.get("completed", 0), deadline)
         token = deployment.payment_contract()
         merchant_balance = int(token.functions.balanceOf(deployment.merchant).call())
-        with engine.connect() as conn:
-            released = int(conn.execute(text("SELECT count(*) FROM mint_queue WHERE status = 'released'")).scalar_one())
+        minted_supply = int(deployment.w3().eth.contract(
+            address=deployment.w3().to_checksum_address(deployment.mint_token),
+            abi=token.abi).functions.totalSupply().call())
     completed = counts.get("completed", 0)
     if timing["first_claim"] is not None:
         print(f"\nThe first served send run claimed {timing['first_claim'].timestamp() - triggered:.1f} s after it was "
@@ -162,12 +166,24 @@ def run(payments: int, timeout: float) -> int:
         print(f"Median processing time (processed_at - created_at): {float(timing['p50_processing']):.2f} s; "
               f"median wait until confirmed: {float(timing['p50_wait'] or 0):.2f} s.")
     print(f"Merchant received {merchant_balance / 10**6:.2f} USDC on chain for {completed} payments; "
-          f"{released} mint rows released.")
-    if merchant_balance != completed * PRICE or released != completed:
+          f"{mints.get('minted', 0)} mints confirmed ({minted_supply / 10**18:g} tokens minted on chain).")
+    if (merchant_balance != completed * PRICE or mints.get("minted", 0) != completed
+            or minted_supply != completed * MINT_AMOUNT):
         print("MISMATCH between chain, payments and mint rows", file=sys.stderr)
         completed = -1
     print(json.dumps(summary))
     return 0 if completed == payments else 1
+
+
+def _wait_for_mints(engine: Engine, completed: int, deadline: float) -> dict[str, int]:
+    """Mint counts by status, once every completed payment's mint is minted (or failed), or at the deadline."""
+    while True:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT status, count(*) FROM mint_queue GROUP BY 1"))
+            mints = {str(s): int(n) for s, n in rows}
+        if mints.get("minted", 0) + mints.get("failed", 0) >= completed or time.monotonic() > deadline:
+            return mints
+        time.sleep(0.25)
 
 
 def _trigger(run_deployment: Any, names: list[str], serve: subprocess.Popen[bytes]) -> None:

@@ -162,6 +162,7 @@ class Deployment:
     deployer: LocalAccount = field(repr=False)
     merchant: str
     signers: list[LocalAccount] = field(repr=False)
+    minter: LocalAccount = field(repr=False)
     buyers: list[LocalAccount] = field(repr=False)
 
     def w3(self) -> Web3:
@@ -179,11 +180,12 @@ PAYMENT_TOKEN_VERSION = "2"
 def deploy_payment_stack(rpc_url: str, *, buyers: int = 10, buyer_balance: int = 1_000_000 * 10**6,
                          signer_count: int = 2) -> Deployment:
     """Deploy the payment token and the mint token, fund fresh buyers with payment tokens (they need no
-    ETH: settlement is gasless for them), and make the minter wallet a minter."""
+    ETH: settlement is gasless for them), and give the minter wallet (dev account 8) the minter role."""
     w3 = connect(rpc_url)
     deployer = dev_account(0)
     signers = [dev_account(1 + i) for i in range(signer_count)]
     merchant = dev_account(9).address
+    minter = dev_account(8)
     payment_token = deploy(w3, deployer, "PaymentToken", PAYMENT_TOKEN_NAME, "USDC")
     mint_token = deploy(w3, deployer, "MintableToken", "Demo Mint", "MINT")
     buyer_accounts = [Account.from_key(secrets.token_bytes(32)) for _ in range(buyers)]
@@ -194,9 +196,13 @@ def deploy_payment_stack(rpc_url: str, *, buyers: int = 10, buyer_balance: int =
         params: Any = {"from": deployer.address, "nonce": nonce + i, "gas": 100_000}
         tx: Any = token.functions.mint(buyer.address, buyer_balance).build_transaction(params)
         hashes.append(w3.eth.send_raw_transaction(deployer.sign_transaction(tx).raw_transaction))
+    mint = w3.eth.contract(address=Web3.to_checksum_address(mint_token), abi=artifact("MintableToken")["abi"])
+    role: Any = {"from": deployer.address, "nonce": nonce + len(buyer_accounts), "gas": 100_000}
+    tx = mint.functions.configureMinter(minter.address, True).build_transaction(role)
+    hashes.append(w3.eth.send_raw_transaction(deployer.sign_transaction(tx).raw_transaction))
     for h in hashes:
         if w3.eth.wait_for_transaction_receipt(h, timeout=60)["status"] != 1:
-            raise RuntimeError("funding a buyer reverted")
+            raise RuntimeError("funding a buyer or configuring the minter reverted")
     return Deployment(
         rpc_url=rpc_url,
         chain_id=w3.eth.chain_id,
@@ -205,6 +211,7 @@ def deploy_payment_stack(rpc_url: str, *, buyers: int = 10, buyer_balance: int =
         deployer=deployer,
         merchant=merchant,
         signers=signers,
+        minter=minter,
         buyers=buyer_accounts,
     )
 

@@ -25,6 +25,8 @@ class PipelineSettings:
     settlement_gas_limit: int = 150_000
     send_run_seconds: int = 25
     confirm_run_seconds: int = 25
+    mint_batch_size: int = 50
+    mint_gas_limit: int = 200_000
 
     def __post_init__(self) -> None:
         bounds = {
@@ -40,6 +42,8 @@ class PipelineSettings:
             "settlement_gas_limit": (21_000, 30_000_000),
             "send_run_seconds": (0, 3_600),
             "confirm_run_seconds": (0, 3_600),
+            "mint_batch_size": (1, 100_000),
+            "mint_gas_limit": (21_000, 30_000_000),
         }
         for name, (low, high) in bounds.items():
             value = getattr(self, name)

@@ -42,3 +42,4 @@ class TxKind(StrEnum):
     REPLACEMENT = "replacement"
     CANCEL = "cancel"
     GAP_FILL = "gap_fill"
+    MINT = "mint"

@@ -103,13 +103,14 @@ WHERE chain_id = :chain_id AND signer = :signer AND next_nonce = :expected
 RETURNING next_nonce
 
 -- insert_transactions --
-INSERT INTO payment_transactions (chain_id, signer, nonce, tx_hash, payment_id, kind, raw_tx,
+INSERT INTO payment_transactions (chain_id, signer, nonce, tx_hash, payment_id, mint_id, kind, raw_tx,
                                   max_fee_per_gas, max_priority_fee_per_gas, gas_limit)
-SELECT :chain_id, :signer, v.nonce, v.tx_hash, v.payment_id, v.kind, v.raw_tx, v.max_fee, v.max_tip, v.gas_limit
+SELECT :chain_id, :signer, v.nonce, v.tx_hash, v.payment_id, v.mint_id, v.kind, v.raw_tx, v.max_fee, v.max_tip,
+       v.gas_limit
 FROM unnest(CAST(:nonces AS bigint[]), CAST(:hashes AS text[]), CAST(:payment_ids AS text[]),
-            CAST(:kinds AS text[]), CAST(:raws AS bytea[]), CAST(:max_fees AS numeric[]),
-            CAST(:max_tips AS numeric[]), CAST(:gas_limits AS bigint[]))
-     AS v(nonce, tx_hash, payment_id, kind, raw_tx, max_fee, max_tip, gas_limit)
+            CAST(:mint_ids AS bigint[]), CAST(:kinds AS text[]), CAST(:raws AS bytea[]),
+            CAST(:max_fees AS numeric[]), CAST(:max_tips AS numeric[]), CAST(:gas_limits AS bigint[]))
+     AS v(nonce, tx_hash, payment_id, mint_id, kind, raw_tx, max_fee, max_tip, gas_limit)
 
 -- attach_transactions --
 UPDATE payment_queue p
@@ -376,7 +377,7 @@ SELECT tx_hash, nonce, kind, created_at, broadcast_at, broadcast_count, last_bro
 FROM payment_transactions WHERE payment_id = :id ORDER BY id
 
 -- payment_mints --
-SELECT mint_token, recipient, amount, status, released_at, cancelled_at FROM mint_queue
+SELECT mint_token, recipient, amount, status, tx_hash, error, released_at, cancelled_at FROM mint_queue
 WHERE payment_id = :id ORDER BY id
 
 -- payment_protocol_version --
@@ -384,3 +385,58 @@ SELECT coalesce(("authorization" ->> 'x402Version')::int, 2) FROM payment_queue 
 
 -- any_payment_token --
 SELECT payment_token FROM mint_products WHERE active ORDER BY created_at LIMIT 1
+
+-- release_expired_mint_leases --
+UPDATE mint_queue SET status = 'released', minter = NULL, lease_owner = NULL, lease_expires_at = NULL,
+                      error = 'mint lease expired before a transaction was signed'
+WHERE status = 'minting' AND tx_hash IS NULL AND lease_expires_at < now()
+RETURNING id
+
+-- claim_released_mints --
+WITH claimable AS (
+    SELECT m.id FROM mint_queue m JOIN payment_queue p ON p.id = m.payment_id
+    WHERE m.status = 'released' AND p.chain_id = :chain_id AND p.status = 'completed'
+    ORDER BY m.released_at, m.id
+    LIMIT :limit
+    FOR UPDATE OF m SKIP LOCKED
+)
+UPDATE mint_queue m
+SET status = 'minting', minter = :minter, lease_owner = :owner,
+    lease_expires_at = now() + make_interval(secs => :lease_seconds), attempts = m.attempts + 1, error = NULL
+FROM claimable WHERE m.id = claimable.id AND m.status = 'released'
+RETURNING m.id, m.mint_token, m.recipient, m.amount
+
+-- fail_mints --
+UPDATE mint_queue m SET status = 'failed', error = v.error, lease_owner = NULL, lease_expires_at = NULL
+FROM unnest(CAST(:ids AS bigint[]), CAST(:errors AS text[])) AS v(id, error)
+WHERE m.id = v.id AND m.status = 'minting'
+RETURNING m.id
+
+-- attach_mint_transactions --
+UPDATE mint_queue m SET tx_nonce = v.nonce, tx_hash = v.tx_hash
+FROM unnest(CAST(:ids AS bigint[]), CAST(:nonces AS bigint[]), CAST(:hashes AS text[])) AS v(id, nonce, tx_hash)
+WHERE m.id = v.id AND m.status = 'minting' AND m.lease_owner = :owner AND m.tx_hash IS NULL
+RETURNING m.id
+
+-- lock_owned_unsigned_mints --
+SELECT id FROM mint_queue
+WHERE id = ANY(CAST(:ids AS bigint[])) AND status = 'minting' AND lease_owner = :owner AND tx_hash IS NULL
+ORDER BY id
+FOR UPDATE
+
+-- load_minting --
+-- Mints whose transaction was stored: the hashes to poll (and re-send when the node lost them).
+SELECT m.id, m.minter, m.tx_nonce, array_agg(t.tx_hash ORDER BY t.id) AS hashes,
+       extract(epoch FROM now() - max(t.broadcast_at)) AS last_broadcast_age_seconds
+FROM mint_queue m JOIN payment_transactions t ON t.mint_id = m.id
+WHERE m.status = 'minting' AND m.tx_hash IS NOT NULL
+GROUP BY m.id
+ORDER BY m.id
+LIMIT :limit
+
+-- finish_mints --
+UPDATE mint_queue m SET status = 'minted', minted_at = now(), block_number = v.block_number, tx_hash = v.tx_hash,
+                        lease_owner = NULL, lease_expires_at = NULL, error = NULL
+FROM unnest(CAST(:ids AS bigint[]), CAST(:blocks AS bigint[]), CAST(:hashes AS text[])) AS v(id, block_number, tx_hash)
+WHERE m.id = v.id AND m.status = 'minting'
+RETURNING m.id

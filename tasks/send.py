@@ -207,14 +207,17 @@ def assign_nonces_and_sign(
 
 
 def persist_transactions(
-    conn: Connection, chain_id: int, signer: str, txs: list[tuple[str | None, TxKind, SignedTx]]
+    conn: Connection, chain_id: int, signer: str, txs: list[tuple[str | None, TxKind, SignedTx]],
+    mint_ids: list[int] | None = None,
 ) -> None:
+    """Store signed transactions (owned by a payment, or by a mint row when mint_ids is given)."""
     conn.execute(query("insert_transactions"), {
         "chain_id": chain_id,
         "signer": signer,
         "nonces": [tx.nonce for _, _, tx in txs],
         "hashes": [tx.tx_hash for _, _, tx in txs],
         "payment_ids": [pid for pid, _, _ in txs],
+        "mint_ids": mint_ids if mint_ids is not None else [None for _ in txs],
         "kinds": [str(kind) for _, kind, _ in txs],
         "raws": [tx.raw for _, _, tx in txs],
         "max_fees": [tx.fees.max_fee_per_gas for _, _, tx in txs],
