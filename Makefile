@@ -23,6 +23,9 @@ $(STAMP_NPM): package.json package-lock.json
 demo: setup
 	$(BIN)/python -m payments.demo --payments $(PAYMENTS)
 
+up: setup
+	$(BIN)/python -m payments.up
+
 test: setup
 	$(BIN)/pytest
 

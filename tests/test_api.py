@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import threading
 import time
@@ -27,6 +28,7 @@ from x402.http.utils import (
 from x402.schemas import PaymentPayload, PaymentRequirements
 
 from api.app import ApiConfig, create_app
+from payments.config import signer_from_key
 from payments.eip3009 import Authorization
 from payments.localstack import Deployment
 from tasks.common import Pipeline, new_owner_id
@@ -248,24 +250,40 @@ def live_api(pipeline: Pipeline, chain: Deployment, api: TestClient) -> Iterator
     thread.join(timeout=10)
 
 
-def test_the_official_x402_client_buys_a_mint(live_api: str, pipeline: Pipeline, chain: Deployment) -> None:
-    from x402 import x402ClientSync
-    from x402.http.clients import x402_requests
-    from x402.mechanisms.evm.exact.register import register_exact_evm_client
+def test_the_official_x402_client_buys_and_gets_its_mint(live_api: str, pipeline: Pipeline,
+                                                        chain: Deployment) -> None:
+    """The buyer CLI's building blocks (official x402 client underneath) against a live server."""
+    from api.buyer import paying_session, settled, submit, wait_final
+    from tasks.mint import mint_tick
 
     buyer = chain.buyers[5]
-    client = register_exact_evm_client(x402ClientSync(), buyer).set_spend_controls(False)
-    session = x402_requests(client)
+    session = paying_session("0x" + bytes(buyer.key).hex())
     before = balance(chain, chain.merchant)
-    response = session.post(f"{live_api}/api/x402-batch-mint", json={"token": "demo-mint", "quantity": 2},
-                            timeout=30)
-    assert response.status_code == 202, response.text
-    pid = response.json()["paymentId"]
+    accepted = submit(session, live_api, "demo-mint", 2)
+    assert accepted["status"] == "pending"
     send_lane_tick(pipeline, pipeline.signers[0], new_owner_id("t"), FAST)
     confirm_tick(pipeline, "t", FAST)
-    status = session.get(response.json()["statusUrl"], timeout=30)
-    assert status.json()["status"] == "completed"
-    assert decode_payment_response_header(status.headers["PAYMENT-RESPONSE"]).success
+    paid = session.get(accepted["statusUrl"], timeout=30)
+    assert paid.json()["status"] == "completed" and not settled(paid.json())  # mint not yet sent
+    assert decode_payment_response_header(paid.headers["PAYMENT-RESPONSE"]).success
+    minter = signer_from_key("0x" + bytes(chain.minter.key).hex())
+    assert mint_tick(pipeline, minter, "t", FAST).minted == 1
+    final = wait_final(session, accepted["statusUrl"], timeout=10)
+    assert settled(final) and final["mints"][0]["status"] == "minted" and final["mints"][0]["transaction"]
     assert balance(chain, chain.merchant) == before + 2 * PRICE
-    assert statuses(pipeline.engine) == {"completed": 1} and mint_statuses(pipeline.engine) == {"released": 1}
-    assert pid.startswith("pay_")
+    assert statuses(pipeline.engine) == {"completed": 1} and mint_statuses(pipeline.engine) == {"minted": 1}
+
+
+def test_the_buyer_cli_exits_2_when_refused(live_api: str) -> None:
+    import subprocess
+    import sys
+
+    from payments.config import REPO_ROOT
+
+    broke = "0x" + "11" * 32  # a key with no funds: the API refuses with insufficient balance
+    result = subprocess.run([sys.executable, "-m", "api.buyer", "--url", live_api, "--quantity", "1"],
+                            env={**os.environ, "BUYER_PRIVATE_KEY": broke}, cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "invalid_exact_evm_insufficient_balance" in result.stderr
+    assert broke[2:] not in result.stdout + result.stderr  # the key is never printed

@@ -1,0 +1,162 @@
+"""The whole local stack, started and stopped as one: embedded PostgreSQL, anvil, a Prefect server on
+PostgreSQL, the contracts and a demo mint product, the served deployments, the HTTP API and an alert
+receiver. `make demo` and `make up` use it. DATABASE_URL / RPC_URL / PREFECT_API_URL / signer and
+minter keys in the environment switch those parts to real infrastructure."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import requests
+from sqlalchemy import Engine
+
+from payments.alert_receiver import AlertReceiver, start_alert_receiver
+from payments.db import make_engine, query, transaction
+from payments.localstack import (
+    DATA_DIR,
+    Deployment,
+    create_database,
+    deploy_payment_stack,
+    free_port,
+    start_anvil,
+    start_embedded_postgres,
+)
+from payments.migrate import upgrade
+from payments.prefect_server import PrefectServer, prefect_home, start_prefect_server
+
+PRODUCT_ID = "demo-mint"
+PRICE = 1_000_000  # 1.00 of the 6-decimal payment token per unit
+MINT_AMOUNT = 10**18  # one whole mint token per unit
+
+
+@dataclass
+class Stack:
+    database_url: str = field(repr=False)
+    rpc_url: str
+    deployment: Deployment
+    prefect: PrefectServer
+    api_url: str
+    api_key: str = field(repr=False)
+    engine: Engine
+    serve: subprocess.Popen[bytes]
+    api: subprocess.Popen[bytes]
+    receiver: AlertReceiver | None
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+
+
+def _spawn(stack: ExitStack, args: list[str], env: dict[str, str], log_name: str) -> subprocess.Popen[bytes]:
+    log = (DATA_DIR / log_name).open("wb")
+    stack.callback(log.close)
+    process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    stack.callback(stop_process, process)
+    return process
+
+
+def _wait_http(url: str, process: subprocess.Popen[bytes], log_name: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} did not come up; see {DATA_DIR / log_name}")
+        try:
+            if requests.get(url, timeout=1).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s; see {DATA_DIR / log_name}")
+
+
+@contextmanager
+def local_stack(*, database: str, buyers: int, block_time: float = 1, api_port: int | None = None,
+                say: bool = True) -> Iterator[Stack]:
+    def note(message: str) -> None:
+        if say:
+            print(f"• {message}", flush=True)
+
+    DATA_DIR.mkdir(exist_ok=True)
+    with ExitStack() as stack:
+        t0 = time.monotonic()
+        database_url = os.environ.get("DATABASE_URL")
+        pg_uri = None
+        if not database_url:
+            pg_uri = start_embedded_postgres(DATA_DIR / "pg")
+            database_url = create_database(pg_uri, database, drop=True)
+        upgrade(database_url)
+        rpc_url = os.environ.get("RPC_URL")
+        if not rpc_url:
+            anvil = start_anvil(block_time=block_time, log_dir=DATA_DIR)
+            stack.callback(anvil.stop)
+            rpc_url = anvil.url
+        note(f"PostgreSQL ready, schema migrated ({time.monotonic() - t0:.1f} s)")
+        deployment = deploy_payment_stack(rpc_url, buyers=buyers)
+        note(f"chain {deployment.chain_id} at {rpc_url}: payment token {deployment.payment_token}, "
+             f"mint token {deployment.mint_token}")
+        engine = make_engine(database_url)
+        stack.callback(engine.dispose)
+        with transaction(engine, "stack") as conn:
+            conn.execute(query("upsert_product"), {
+                "id": PRODUCT_ID, "chain_id": deployment.chain_id, "mint_token": deployment.mint_token.lower(),
+                "payment_token": deployment.payment_token.lower(), "price_per_unit": PRICE,
+                "amount_per_unit": MINT_AMOUNT, "pay_to": deployment.merchant.lower(), "max_quantity": 1000,
+                "active": True})
+        prefect = start_prefect_server(create_database(pg_uri, "prefect") if pg_uri else database_url)
+        stack.callback(prefect.stop)
+        note(f"Prefect API {prefect.api_url} - UI {prefect.ui_url} ({time.monotonic() - t0:.1f} s)")
+        env = dict(os.environ)
+        env.update({
+            "DATABASE_URL": database_url, "RPC_URL": rpc_url, "PREFECT_API_URL": prefect.api_url,
+            "PREFECT_HOME": str(prefect_home()), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+        })
+        env.setdefault("SIGNER_PRIVATE_KEYS", ",".join("0x" + bytes(s.key).hex() for s in deployment.signers))
+        env.setdefault("MINTER_PRIVATE_KEY", "0x" + bytes(deployment.minter.key).hex())
+        receiver = None
+        if not env.get("ALERT_WEBHOOK_URL") and not env.get("ALERT_SLACK_WEBHOOK_URL"):
+            receiver = start_alert_receiver(log_path=DATA_DIR / "alerts.jsonl")
+            stack.callback(receiver.stop)
+            env["ALERT_WEBHOOK_URL"] = receiver.url
+            note(f"alert notifications go to the local receiver {receiver.url} (recorded in .data/alerts.jsonl)")
+        serve = _spawn(stack, [sys.executable, "-m", "deployments.serve"], env, "serve.log")
+        port = api_port or free_port()
+        api_key = env.get("PAYMENTS_API_KEY") or secrets.token_urlsafe(24)
+        api_env = {**env, "PORT": str(port), "PUBLIC_URL": f"http://127.0.0.1:{port}", "PAYMENTS_API_KEY": api_key}
+        api = _spawn(stack, [sys.executable, "-m", "api"], api_env, "api.log")
+        _wait_http(f"http://127.0.0.1:{port}/openapi.json", api, "api.log")
+        note(f"API http://127.0.0.1:{port} (OpenAPI at /openapi.json) ({time.monotonic() - t0:.1f} s)")
+        yield Stack(database_url=database_url, rpc_url=rpc_url, deployment=deployment, prefect=prefect,
+                    api_url=f"http://127.0.0.1:{port}", api_key=api_key, engine=engine, serve=serve, api=api,
+                    receiver=receiver)
+
+
+def trigger_deployments(stack: Stack, names: list[str]) -> None:
+    """Start runs now instead of at the next schedule slot (once serve has registered the deployments)."""
+    os.environ["PREFECT_API_URL"] = stack.prefect.api_url
+    from prefect.deployments import run_deployment
+
+    deadline = time.monotonic() + 60
+    pending = list(names)
+    while pending:
+        try:
+            run_deployment(pending[0], timeout=0)
+            pending.pop(0)
+        except Exception:
+            if time.monotonic() > deadline or stack.serve.poll() is not None:
+                raise RuntimeError(f"deployment {pending[0]} did not appear; see {DATA_DIR / 'serve.log'}") from None
+            time.sleep(0.5)
