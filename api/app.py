@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
 
 from api.x402 import ERR_MALFORMED, Offer, PaymentRejected, Verifier, decode_payment, settlement_header
 from payments.config import require_env
@@ -97,6 +98,14 @@ class ProductIn(BaseModel):
     amount_per_unit: int = Field(gt=0, lt=2**256)
     pay_to: str = Field(pattern=ADDRESS)
     max_quantity: int = Field(default=1000, ge=1, le=1_000_000)
+    active: bool = True
+
+
+class WebhookIn(BaseModel):
+    product_id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    url: str = Field(pattern=r"^https?://", max_length=2000)
+    secret_ref: str = Field(pattern=r"^(env|block):[A-Za-z0-9_.-]+$",
+                            description="where the signing secret lives: env:NAME or block:NAME (Prefect Secret)")
     active: bool = True
 
 
@@ -262,6 +271,15 @@ def create_app(config: ApiConfig) -> FastAPI:
                 "max_quantity": body.max_quantity, "active": body.active})
         return {"id": product_id, **body.model_dump(), "price_per_unit": str(body.price_per_unit),
                 "amount_per_unit": str(body.amount_per_unit)}
+
+    @app.put("/api/admin/webhooks", dependencies=[Depends(require_api_key)])
+    def put_webhook(body: WebhookIn) -> Any:
+        try:
+            with transaction(config.engine, "api-admin") as conn:
+                endpoint_id = conn.execute(query("upsert_webhook_endpoint"), body.model_dump()).scalar_one()
+        except IntegrityError:
+            raise HTTPException(404, {"error": "unknown_product", "message": "no such mint product"}) from None
+        return {"id": endpoint_id, **body.model_dump()}
 
     return app
 

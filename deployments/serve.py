@@ -21,6 +21,7 @@ from flows.mint import mint_tokens
 from flows.monitor import monitor_payments
 from flows.recovery import RECOVERY_FLOWS
 from flows.send import send_payments
+from flows.webhooks import deliver_webhooks
 from payments.config import require_env
 from payments.db import engine_for
 from payments.settings import PipelineSettings, read_settings
@@ -55,6 +56,13 @@ def build_deployments(settings: PipelineSettings, monitor_interval_seconds: int 
         tags=["payments", "mint"],
         description="Mint what completed payments bought, from the minter wallet, and confirm it",
     )
+    webhooks = deliver_webhooks.to_deployment(
+        name="webhooks",
+        interval=timedelta(seconds=max(settings.confirm_run_seconds, 5)),
+        concurrency_limit=limit,
+        tags=["payments", "webhooks"],
+        description="POST merchant webhooks with HMAC signatures, retrying with backoff",
+    )
     monitor = monitor_payments.to_deployment(
         name="monitor",
         interval=timedelta(seconds=monitor_interval_seconds),
@@ -67,7 +75,7 @@ def build_deployments(settings: PipelineSettings, monitor_interval_seconds: int 
                         description="Run by hand from the UI; dry_run defaults to true")
         for f in RECOVERY_FLOWS
     ]
-    return [cast(RunnerDeployment, d) for d in (send, confirm, mint, monitor, *recovery)]
+    return [cast(RunnerDeployment, d) for d in (send, confirm, mint, webhooks, monitor, *recovery)]
 
 
 def main() -> None:

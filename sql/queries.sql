@@ -440,3 +440,37 @@ UPDATE mint_queue m SET status = 'minted', minted_at = now(), block_number = v.b
 FROM unnest(CAST(:ids AS bigint[]), CAST(:blocks AS bigint[]), CAST(:hashes AS text[])) AS v(id, block_number, tx_hash)
 WHERE m.id = v.id AND m.status = 'minting'
 RETURNING m.id
+
+-- upsert_webhook_endpoint --
+INSERT INTO webhook_endpoints (product_id, url, secret_ref, active) VALUES (:product_id, :url, :secret_ref, :active)
+ON CONFLICT (product_id, url) DO UPDATE SET secret_ref = EXCLUDED.secret_ref, active = EXCLUDED.active
+RETURNING id
+
+-- claim_due_webhooks --
+-- Taken deliveries are pushed 60 s into the future while they are being sent, so a crashed deliverer's
+-- deliveries come back by themselves (and are then sent again with the same event id).
+WITH due AS (
+    SELECT id FROM webhook_deliveries
+    WHERE status = 'pending' AND next_attempt_at <= now()
+    ORDER BY next_attempt_at
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE webhook_deliveries d SET next_attempt_at = now() + interval '60 seconds'
+FROM due WHERE d.id = due.id
+RETURNING d.id, d.event_id, d.event, d.payload, d.attempts,
+          (SELECT url FROM webhook_endpoints e WHERE e.id = d.endpoint_id) AS url,
+          (SELECT secret_ref FROM webhook_endpoints e WHERE e.id = d.endpoint_id) AS secret_ref
+
+-- record_webhook_attempt --
+WITH attempt AS (
+    INSERT INTO webhook_attempts (delivery_id, http_status, error, duration_ms)
+    VALUES (:id, :http_status, :error, :duration_ms)
+)
+UPDATE webhook_deliveries
+SET attempts = attempts + 1, last_status = :http_status, last_error = :error,
+    status = CASE WHEN :ok THEN 'delivered' WHEN attempts + 1 >= :max_attempts THEN 'failed' ELSE 'pending' END,
+    delivered_at = CASE WHEN :ok THEN now() END,
+    next_attempt_at = now() + make_interval(secs => least(3600, :backoff * power(2, attempts)))
+WHERE id = :id AND status = 'pending'
+RETURNING status

@@ -214,6 +214,14 @@ def test_operator_endpoints_need_the_api_key(api: TestClient) -> None:
     assert ok.status_code == 200
     invalid = api.put("/api/admin/settings/payment_batch_size", json={"value": "0"}, headers={"X-API-Key": API_KEY})
     assert invalid.status_code == 422 and invalid.json()["error"] == "invalid_setting"
+    hook = {"product_id": "demo-mint", "url": "https://merchant.example/hooks", "secret_ref": "env:MERCHANT_SECRET"}
+    assert api.put("/api/admin/webhooks", json=hook).status_code == 401
+    assert api.put("/api/admin/webhooks", json=hook, headers={"X-API-Key": API_KEY}).status_code == 200
+    unknown = api.put("/api/admin/webhooks", json={**hook, "product_id": "nope"}, headers={"X-API-Key": API_KEY})
+    assert unknown.status_code == 404
+    secret_in_body = api.put("/api/admin/webhooks", json={**hook, "secret_ref": "whsec_plain"},
+                             headers={"X-API-Key": API_KEY})
+    assert secret_in_body.status_code == 422  # secrets are referenced, never stored
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -214,4 +214,4 @@ def test_prefect_yaml_deploys_to_a_work_pool(prefect_api: str) -> None:
 
     with get_client(sync_client=True) as client:
         names = {d.name for d in client.read_deployments() if d.work_pool_name == "payments"}
-    assert names == {"send", "confirm", "mint", "monitor", "manual"}
+    assert names == {"send", "confirm", "mint", "webhooks", "monitor", "manual"}
