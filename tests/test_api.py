@@ -295,3 +295,60 @@ def test_the_buyer_cli_exits_2_when_refused(live_api: str) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     assert "invalid_exact_evm_insufficient_balance" in result.stderr
     assert broke[2:] not in result.stdout + result.stderr  # the key is never printed
+
+
+# --------------------------------------------------------------------------- x402 version 1
+
+
+@pytest.fixture(scope="module")
+def v1_chain() -> Iterator[Deployment]:
+    """A chain with a v1 network name: anvil as base-sepolia (84532)."""
+    from payments.localstack import deploy_payment_stack, start_anvil
+
+    node = start_anvil(extra=["--chain-id", "84532"])
+    try:
+        yield deploy_payment_stack(node.url, buyers=2, buyer_balance=100 * 10**6)
+    finally:
+        node.stop()
+
+
+def test_version_1_clients_pay_with_x_payment(v1_chain: Deployment, embedded_engine: Any) -> None:
+    from x402.http.utils import encode_payment_signature_header as encode
+    from x402.schemas.v1 import PaymentPayloadV1
+
+    from payments.config import signer_from_key as key_signer
+    from tasks.common import Pipeline as Lane
+
+    chain = v1_chain
+    config = ApiConfig(engine=embedded_engine, chain_id=84532, rpc_url=chain.rpc_url,
+                       verifier_key="0x" + bytes(chain.signers[0].key).hex(), public_url="http://testserver",
+                       api_key=API_KEY)
+    api = TestClient(create_app(config), raise_server_exceptions=False)
+    api.put("/api/admin/products/demo-mint", headers={"X-API-Key": API_KEY}, json={
+        "mint_token": chain.mint_token, "payment_token": chain.payment_token, "price_per_unit": PRICE,
+        "amount_per_unit": MINT_PER_UNIT, "pay_to": chain.merchant})
+    challenge = api.post("/api/x402-batch-mint", json={"token": "demo-mint", "quantity": 1})
+    body = challenge.json()
+    assert challenge.status_code == 402 and body["x402Version"] == 1
+    (req,) = body["accepts"]
+    assert (req["scheme"], req["network"], req["maxAmountRequired"]) == ("exact", "base-sepolia", str(PRICE))
+    assert req["resource"] == "http://testserver/api/x402-batch-mint" and req["extra"]["version"] == "2"
+    auth = authorize(chain, chain.buyers[0])
+    payload = PaymentPayloadV1(x402_version=1, scheme="exact", network="base-sepolia",
+                               payload={"authorization": auth.as_x402(), "signature": auth.signature})
+    wrong_network = PaymentPayloadV1(x402_version=1, scheme="exact", network="base",
+                                     payload={"authorization": auth.as_x402(), "signature": auth.signature})
+    refused = api.post("/api/x402-batch-mint", json={"token": "demo-mint", "quantity": 1},
+                       headers={"X-PAYMENT": encode(wrong_network)})
+    assert refused.status_code == 402 and refused.json()["error"] == "invalid_network"
+    accepted = api.post("/api/x402-batch-mint", json={"token": "demo-mint", "quantity": 1},
+                        headers={"X-PAYMENT": encode(payload)})
+    assert accepted.status_code == 202, accepted.text
+    lane = Lane(engine=embedded_engine, w3=chain.w3(), chain_id=84532,
+                signers=[key_signer("0x" + bytes(s.key).hex()) for s in chain.signers])
+    send_lane_tick(lane, lane.signers[0], new_owner_id("t"), FAST)
+    confirm_tick(lane, "t", FAST)
+    status = api.get(f"/api/payment/{accepted.json()['paymentId']}")
+    assert status.json()["status"] == "completed" and "PAYMENT-RESPONSE" not in status.headers
+    settled = decode_payment_response_header(status.headers["X-PAYMENT-RESPONSE"])
+    assert settled.success and settled.network == "base-sepolia"
