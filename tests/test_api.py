@@ -267,6 +267,9 @@ def test_the_official_x402_client_buys_and_gets_its_mint(live_api: str, pipeline
     buyer = chain.buyers[5]
     session = paying_session("0x" + bytes(buyer.key).hex())
     before = balance(chain, chain.merchant)
+    w3 = chain.w3()
+    mint_token = w3.eth.contract(address=w3.to_checksum_address(chain.mint_token), abi=chain.payment_contract().abi)
+    minted_before = int(mint_token.functions.balanceOf(buyer.address).call())
     accepted = submit(session, live_api, "demo-mint", 2)
     assert accepted["status"] == "pending"
     send_lane_tick(pipeline, pipeline.signers[0], new_owner_id("t"), FAST)
@@ -279,6 +282,9 @@ def test_the_official_x402_client_buys_and_gets_its_mint(live_api: str, pipeline
     final = wait_final(session, accepted["statusUrl"], timeout=10)
     assert settled(final) and final["mints"][0]["status"] == "minted" and final["mints"][0]["transaction"]
     assert balance(chain, chain.merchant) == before + 2 * PRICE
+    assert int(mint_token.functions.balanceOf(buyer.address).call()) == minted_before + 2 * MINT_PER_UNIT
+    assert mint_tick(pipeline, minter, "t", FAST).minted == 0  # minted once: nothing more on the next tick
+    assert int(mint_token.functions.balanceOf(buyer.address).call()) == minted_before + 2 * MINT_PER_UNIT
     assert statuses(pipeline.engine) == {"completed": 1} and mint_statuses(pipeline.engine) == {"minted": 1}
 
 
