@@ -81,7 +81,7 @@ class ApiConfig:
 
 
 class MintRequest(BaseModel):
-    token: str = Field(min_length=1, max_length=64, description="mint product id or mint token address")
+    token: str = Field(pattern=r"^\s*[A-Za-z0-9_-]{1,64}\s*$", description="mint product id or mint token address")
     quantity: int = Field(ge=1, le=1_000_000)
     recipient: str | None = Field(default=None, pattern=ADDRESS)
 
@@ -103,14 +103,14 @@ class ProductIn(BaseModel):
 
 class WebhookIn(BaseModel):
     product_id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
-    url: str = Field(pattern=r"^https?://", max_length=2000)
+    url: str = Field(pattern=r"^https?://[^\s\x00-\x1f]+$", max_length=2000)
     secret_ref: str = Field(pattern=r"^(env|block):[A-Za-z0-9_.-]+$",
                             description="where the signing secret lives: env:NAME or block:NAME (Prefect Secret)")
     active: bool = True
 
 
 class SettingIn(BaseModel):
-    value: str = Field(min_length=1, max_length=100)
+    value: str = Field(pattern=r"^[\x20-\x7e]{1,100}$")
 
 
 def _error(status: int, error: str, message: str = "", headers: dict[str, str] | None = None,
@@ -206,7 +206,7 @@ def create_app(config: ApiConfig) -> FastAPI:
                             status_code=202 if created else 200)
 
     @app.get("/api/payment/{payment_id}")
-    def payment_status(payment_id: Annotated[str, Path(max_length=64)]) -> Any:
+    def payment_status(payment_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]) -> Any:
         with config.engine.connect() as conn:
             rows = fetch_all(conn, "payment_status", id=payment_id)
             if not rows:

@@ -8,7 +8,7 @@ Schedules come from system_settings: a send run is due every `send_run_seconds` 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import cast
+from typing import Any, cast
 
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -32,50 +32,34 @@ MINT_DEPLOYMENT = "mint-tokens/mint"
 
 
 def build_deployments(settings: PipelineSettings, monitor_interval_seconds: int = 30) -> list[RunnerDeployment]:
-    # Two overlapping runs are harmless (signer lane locks, SKIP LOCKED claims, guarded updates);
-    # more than two would only queue up behind each other.
+    # Two overlapping runs are harmless (lane locks, SKIP LOCKED claims, guarded updates); more than two
+    # would only queue up behind each other.
     limit = ConcurrencyLimitConfig(limit=2, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
-    send = send_payments.to_deployment(
-        name="send",
-        interval=timedelta(seconds=max(settings.send_run_seconds, 5)),
-        concurrency_limit=limit,
-        tags=["payments", "send"],
-        description="Claim pending payments, sign, persist, broadcast (ticks every payment_batch_interval_ms)",
-    )
-    confirm = confirm_payments.to_deployment(
-        name="confirm",
-        interval=timedelta(seconds=max(settings.confirm_run_seconds, 5)),
-        concurrency_limit=limit,
-        tags=["payments", "confirm"],
-        description="Apply receipts, release mints, handle stuck transactions (ticks every confirmation_interval_ms)",
-    )
-    mint = mint_tokens.to_deployment(
-        name="mint",
-        interval=timedelta(seconds=max(settings.confirm_run_seconds, 5)),
-        concurrency_limit=limit,
-        tags=["payments", "mint"],
-        description="Mint what completed payments bought, from the minter wallet, and confirm it",
-    )
-    webhooks = deliver_webhooks.to_deployment(
-        name="webhooks",
-        interval=timedelta(seconds=max(settings.confirm_run_seconds, 5)),
-        concurrency_limit=limit,
-        tags=["payments", "webhooks"],
-        description="POST merchant webhooks with HMAC signatures, retrying with backoff",
-    )
-    monitor = monitor_payments.to_deployment(
-        name="monitor",
-        interval=timedelta(seconds=monitor_interval_seconds),
-        concurrency_limit=1,
-        tags=["payments", "monitor"],
-        description="Queue depth, sent age, confirmation rate, processing time against the alert thresholds",
-    )
-    recovery = [
+    pipeline_every = timedelta(seconds=max(settings.send_run_seconds, 5))
+    receipts_every = timedelta(seconds=max(settings.confirm_run_seconds, 5))
+    scheduled: list[tuple[Any, str, timedelta, Any, str]] = [
+        (send_payments, "send", pipeline_every, limit,
+         "Claim pending payments, sign, persist, broadcast (ticks every payment_batch_interval_ms)"),
+        (confirm_payments, "confirm", receipts_every, limit,
+         "Apply receipts, release mints, handle stuck transactions (ticks every confirmation_interval_ms)"),
+        (mint_tokens, "mint", receipts_every, limit,
+         "Mint what completed payments bought, from the minter wallet, and confirm it"),
+        (deliver_webhooks, "webhooks", receipts_every, limit,
+         "POST merchant webhooks with HMAC signatures, retrying with backoff"),
+        (monitor_payments, "monitor", timedelta(seconds=monitor_interval_seconds), 1,
+         "Queue depth, sent age, confirmation rate, processing time, gas and nonce health against the thresholds"),
+    ]
+    deployments = [
+        f.to_deployment(name=name, interval=every, concurrency_limit=conc, tags=["payments", name],
+                        description=description)
+        for f, name, every, conc, description in scheduled
+    ]
+    deployments += [
         f.to_deployment(name="manual", tags=["payments", "recovery"],
                         description="Run by hand from the UI; dry_run defaults to true")
         for f in RECOVERY_FLOWS
     ]
-    return [cast(RunnerDeployment, d) for d in (send, confirm, mint, webhooks, monitor, *recovery)]
+    return [cast(RunnerDeployment, d) for d in deployments]
 
 
 def main() -> None:

@@ -4,14 +4,14 @@ followed at once by the next, so a backlog of sent payments does not wait 2 s pe
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.send import asdict_counts
+from flows.ticks import add_counts, counts, tick_loop
+from payments.settings import PipelineSettings
 from tasks.common import Pipeline
 from tasks.confirm import ConfirmReport, confirm_tick_task
 
@@ -27,23 +27,12 @@ def confirm_payments(
     window = settings.confirm_run_seconds if run_seconds is None else run_seconds
     actor = f"confirm-{flow_run.get_id() or 'local'}"
     total = ConfirmReport()
-    deadline = time.monotonic() + window
-    ticks = 0
-    while True:
-        started = time.monotonic()
-        settings = p.settings()
+
+    def tick(settings: PipelineSettings) -> bool:
         report = confirm_tick_task(p, actor, settings)
-        for key in ("checked", "completed", "confirmation_failed", "rebroadcast", "replaced", "waiting"):
-            setattr(total, key, getattr(total, key) + getattr(report, key))
-        ticks += 1
-        if max_ticks is not None and ticks >= max_ticks:
-            break
-        progressed = report.completed + report.confirmation_failed
-        full = report.checked >= settings.confirmation_batch_size and progressed > 0
-        if full and (window == 0 or time.monotonic() < deadline):
-            continue  # a backlog of receipts to apply: next pass at once
-        pause = max(0.0, settings.confirmation_interval_ms / 1000 - (time.monotonic() - started))
-        if time.monotonic() + pause >= deadline:
-            break
-        time.sleep(pause)
-    return asdict_counts(total)
+        add_counts(total, report)
+        # a full pass that made progress: more receipts are waiting, check them at once
+        return report.checked >= settings.confirmation_batch_size and report.completed + report.confirmation_failed > 0
+
+    tick_loop(p.settings, window, lambda s: s.confirmation_interval_ms, tick, max_ticks)
+    return counts(total)

@@ -3,15 +3,15 @@ Ticks every `confirmation_interval_ms` for `confirm_run_seconds`, like the confi
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.send import asdict_counts
+from flows.ticks import add_counts, counts, tick_loop
 from payments.config import load_minter
+from payments.settings import PipelineSettings
 from tasks.common import Pipeline, new_owner_id, run_logger, signer_lanes
 from tasks.mint import MintReport, mint_tick_task
 
@@ -30,24 +30,14 @@ def mint_tokens(
     with signer_lanes(p.engine, p.chain_id, [minter]) as lanes:
         if not lanes:
             run_logger().info("The minter lane is held by another mint run; nothing to do")
-            return asdict_counts(total)
-        deadline = time.monotonic() + window
-        ticks = 0
-        while True:
-            started = time.monotonic()
-            settings = p.settings()
+            return counts(total)
+
+        def tick(settings: PipelineSettings) -> bool:
             report = mint_tick_task(p, minter, owner, settings)
-            for key in ("claimed", "failed", "sent", "minted", "rebroadcast"):
-                setattr(total, key, getattr(total, key) + getattr(report, key))
-            ticks += 1
-            if max_ticks is not None and ticks >= max_ticks:
-                break
-            if report.claimed >= settings.mint_batch_size and (window == 0 or time.monotonic() < deadline):
-                continue
-            pause = max(0.0, settings.confirmation_interval_ms / 1000 - (time.monotonic() - started))
-            if time.monotonic() + pause >= deadline:
-                break
-            time.sleep(pause)
+            add_counts(total, report)
+            return report.claimed >= settings.mint_batch_size
+
+        tick_loop(p.settings, window, lambda s: s.confirmation_interval_ms, tick, max_ticks)
     if total.minted:
         run_logger().info("✅ %d mints confirmed", total.minted)
-    return asdict_counts(total)
+    return counts(total)

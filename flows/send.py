@@ -7,14 +7,13 @@ Each run owns the signer lanes it could lock; a second run finds them busy and l
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict
 from typing import Annotated, Any
 
 from prefect import flow, unmapped
 from prefect.runtime import flow_run
 from pydantic import Field
 
+from flows.ticks import add_counts, counts, tick_loop
 from payments.settings import PipelineSettings
 from tasks.common import Pipeline, chunked, new_owner_id, run_logger, signer_lanes
 from tasks.send import (
@@ -26,12 +25,6 @@ from tasks.send import (
 )
 
 
-def _merge(total: SendReport, part: SendReport) -> None:
-    for key, value in asdict(part).items():
-        if isinstance(value, int):
-            setattr(total, key, getattr(total, key) + value)
-
-
 def send_tick(p: Pipeline, lanes: list[Any], owner: str, settings: PipelineSettings) -> SendReport:
     """One tick over every owned lane: prepare each lane (concurrently), then broadcast in chunks."""
     report = SendReport()
@@ -40,7 +33,7 @@ def send_tick(p: Pipeline, lanes: list[Any], owner: str, settings: PipelineSetti
     chunks: list[list[tuple[str, str]]] = []
     for future in prepared:
         part, pairs = future.result()
-        _merge(report, part)
+        add_counts(report, part)
         chunks += chunked(pairs, BROADCAST_CHUNK)
     broadcasts = broadcast_chunk_task.map(unmapped(p), unmapped(owner), chunks) if chunks else []
     for done in broadcasts:
@@ -71,26 +64,12 @@ def send_payments(
     with signer_lanes(p.engine, p.chain_id, p.signers) as lanes:
         if not lanes:
             log.info("Every signer lane is held by another send run; nothing to do")
-            return asdict_counts(total)
-        deadline = time.monotonic() + window
-        ticks = 0
-        while True:
-            started = time.monotonic()
-            settings = p.settings()
+            return counts(total)
+
+        def tick(settings: PipelineSettings) -> bool:
             report = send_tick(p, lanes, owner, settings)
-            _merge(total, report)
-            ticks += 1
-            if max_ticks is not None and ticks >= max_ticks:
-                break
-            full = report.claimed >= settings.payment_batch_size * len(lanes)
-            if full and (window == 0 or time.monotonic() < deadline):
-                continue  # a backlog: next batch at once (run_seconds=0 drains until a batch is not full)
-            pause = max(0.0, settings.payment_batch_interval_ms / 1000 - (time.monotonic() - started))
-            if time.monotonic() + pause >= deadline:
-                break
-            time.sleep(pause)
-    return asdict_counts(total)
+            add_counts(total, report)
+            return report.claimed >= settings.payment_batch_size * len(lanes)
 
-
-def asdict_counts(report: Any) -> dict[str, int]:
-    return {k: v for k, v in asdict(report).items() if isinstance(v, int)}
+        tick_loop(p.settings, window, lambda s: s.payment_batch_interval_ms, tick, max_ticks)
+    return counts(total)

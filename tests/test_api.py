@@ -173,6 +173,9 @@ def test_request_errors_are_4xx_without_internals(api: TestClient) -> None:
                     headers={"Content-Type": "application/json"})
     assert huge.status_code == 413
     assert api.get("/api/payment/pay_doesnotexist").status_code == 404
+    assert api.get("/api/payment/%00").status_code == 422  # found by the fuzz: NUL must not reach SQL
+    nul = api.post("/api/x402-batch-mint", json={"token": "demo\u0000mint", "quantity": 1})
+    assert nul.status_code == 422 and nul.json()["error"] == "invalid_request"
 
 
 def test_status_shows_progress_and_the_settlement_response(api: TestClient, pipeline: Pipeline,

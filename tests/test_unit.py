@@ -197,3 +197,24 @@ def test_intake_validation_rejects_malformed_input() -> None:
 def test_failure_statuses_are_what_clients_poll_for() -> None:
     assert {s for s in PaymentStatus if s.is_failure} == {"failed", "confirmation_failed"}
     assert {s for s in PaymentStatus if s.is_terminal} == {"completed", "failed", "confirmation_failed"}
+
+
+def test_tick_loop_drains_full_batches_then_waits_for_the_interval() -> None:
+    import time
+    from itertools import pairwise
+
+    from flows.ticks import tick_loop
+
+    answers = iter([True, True, False])
+    assert tick_loop(PipelineSettings, 0, lambda s: 60_000, lambda s: next(answers)) == 3  # window 0: drain
+
+    calls: list[float] = []
+
+    def tick(_: PipelineSettings) -> bool:
+        calls.append(time.monotonic())
+        return False
+
+    started = time.monotonic()
+    assert tick_loop(PipelineSettings, 1, lambda s: 300, tick) == 4  # 0, .3, .6, .9 s; the next would pass 1 s
+    assert 0.85 <= time.monotonic() - started < 1.2 and all(b - a >= 0.29 for a, b in pairwise(calls))
+    assert tick_loop(PipelineSettings, 60, lambda s: 10, lambda s: True, max_ticks=5) == 5
