@@ -27,6 +27,7 @@ from tasks.recovery import (
     requeue_failed,
     reset_stuck_payments,
     resync_nonces,
+    retry_failed_mints,
     rollback_to_failed,
 )
 
@@ -105,7 +106,16 @@ def reconcile_block_range_flow(from_block: Annotated[int, Field(ge=0)], to_block
                                                        actor=actor))
 
 
+@flow(name="retry-failed-mints")
+def retry_failed_mints_flow(payment_ids: PaymentIds = None, limit: Limit = 1000,
+                            dry_run: bool = True) -> dict[str, int]:
+    """Failed mints of completed payments back to released, once the cause is fixed."""
+    f = Filters(payment_ids, 0, limit)
+    return _run("retry_failed_mints", dry_run, lambda p, actor: retry_failed_mints(p, f, dry_run=dry_run,
+                                                                                   actor=actor))
+
+
 RECOVERY_FLOWS: list[Flow[..., dict[str, int]]] = [
     reset_stuck_payments_flow, recheck_confirmation_failed_flow, requeue_failed_flow, rollback_to_failed_flow,
-    resync_nonces_flow, reconcile_block_range_flow,
+    resync_nonces_flow, reconcile_block_range_flow, retry_failed_mints_flow,
 ]

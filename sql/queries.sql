@@ -474,3 +474,20 @@ SET attempts = attempts + 1, last_status = :http_status, last_error = :error,
     next_attempt_at = now() + make_interval(secs => least(3600, :backoff * power(2, attempts)))
 WHERE id = :id AND status = 'pending'
 RETURNING status
+
+-- failed_mints --
+SELECT m.id, m.payment_id, m.error, m.tx_hash FROM mint_queue m JOIN payment_queue p ON p.id = m.payment_id
+WHERE m.status = 'failed' AND p.chain_id = :chain_id
+  AND (CAST(:ids AS text[]) IS NULL OR m.payment_id = ANY(CAST(:ids AS text[])))
+ORDER BY m.id LIMIT :limit
+
+-- retry_failed_mints --
+-- A failed mint minted nothing (its simulation reverted, or its transaction reverted at depth): it goes
+-- back to released for a new transaction; the old one stays in payment_transactions.
+UPDATE mint_queue SET status = 'released', tx_hash = NULL, tx_nonce = NULL, minter = NULL, error = NULL,
+                      lease_owner = NULL, lease_expires_at = NULL
+WHERE id = ANY(CAST(:ids AS bigint[])) AND status = 'failed'
+RETURNING id
+
+-- failed_mint_count --
+SELECT count(*) FROM mint_queue WHERE status = 'failed'

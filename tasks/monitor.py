@@ -61,6 +61,7 @@ class QueueMetrics:
     processing_time_p95: float | None
     stuck_sent: int
     stuck_processing: int
+    failed_mints: int = 0
 
     def as_row(self) -> dict[str, Any]:
         row = asdict(self)
@@ -122,6 +123,7 @@ def compute_metrics(conn: Connection, thresholds: Thresholds, now: datetime | No
         processing_time_p95=_stat(processing_time, "p95"),
         stuck_sent=int((sent_age > thresholds.stuck_seconds).sum()) if not sent_age.empty else 0,
         stuck_processing=stuck_processing,
+        failed_mints=int(conn.execute(query("failed_mint_count")).scalar_one()),
     )
 
 
@@ -190,6 +192,9 @@ def evaluate_alerts(m: QueueMetrics, t: Thresholds, signers: list[SignerHealth] 
     if m.stuck_sent or m.stuck_processing:
         alerts.append(Alert("stuck", f"{m.stuck_sent} payment(s) in sent for more than {t.stuck_seconds:.0f} s, "
                                      f"{m.stuck_processing} in processing with an expired lease"))
+    if m.failed_mints:
+        alerts.append(Alert("mints_failed", f"{m.failed_mints} paid mint(s) failed; fix the cause, then run "
+                                            "retry-failed-mints"))
     if depths is not None and queue_not_decreasing(depths, t.queue_trend_samples):
         alerts.append(Alert("queue_depth_not_decreasing",
                             f"queue depth has not decreased over {t.queue_trend_samples} runs "

@@ -375,3 +375,21 @@ def reconcile_block_range(p: Pipeline, from_block: int, to_block: int, settings:
                 for pid, rec in done]
     actions += [Action(pid, "confirmation_failed", _done(dry_run), why) for pid, why, _ in failed]
     return actions
+
+
+# --------------------------------------------------------------------------- retry_failed_mints
+
+
+def retry_failed_mints(p: Pipeline, f: Filters, *, dry_run: bool, actor: str) -> list[Action]:
+    """Failed mints (the payment was completed, nothing was minted) go back to released, for a new
+    transaction by the mint flow - after the cause (e.g. the minter role) was fixed."""
+    with p.engine.connect() as conn:
+        rows = fetch_all(conn, "failed_mints", chain_id=p.chain_id, ids=f.ids, limit=f.limit)
+    if not rows:
+        return []
+    moved = [r["id"] for r in rows]
+    if not dry_run:
+        with transaction(p.engine, actor) as conn:
+            moved = [x["id"] for x in fetch_all(conn, "retry_failed_mints", ids=moved)]
+    return [Action(r["payment_id"], "retry_mint", _done(dry_run) if r["id"] in moved else UNCHANGED,
+                   f"mint {r['id']}: {r['error']}") for r in rows]

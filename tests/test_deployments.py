@@ -20,7 +20,7 @@ def test_prefect_yaml_entrypoints_load_and_match_the_served_deployments() -> Non
         from_yaml.add((flow.name, d["name"]))
         assert d["work_pool"]["name"] == "payments"
     served = {(d.flow_name, d.name) for d in build_deployments(PipelineSettings())}
-    assert from_yaml == served and len(served) == 11
+    assert from_yaml == served and len(served) == 12
 
 
 def test_only_the_pipeline_and_monitor_are_scheduled() -> None:

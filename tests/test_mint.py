@@ -15,6 +15,8 @@ from payments.localstack import Deployment
 from tasks.common import Pipeline, new_owner_id
 from tasks.confirm import confirm_tick, fail_confirmations
 from tasks.mint import mint_tick
+from tasks.monitor import Thresholds, compute_metrics, evaluate_alerts, read_thresholds
+from tasks.recovery import Filters, retry_failed_mints
 from tasks.send import send_lane_tick
 from tests.conftest import rpc
 from tests.helpers import mint_statuses, queue_many
@@ -91,3 +93,13 @@ def test_a_mint_the_contract_refuses_fails_without_a_transaction(pipeline: Pipel
     assert (report.failed, report.sent) == (1, 0)
     (row,) = _rows(pipeline)
     assert row.status == "failed" and "not a minter" in row.error and row.tx_hash is None
+    with pipeline.engine.connect() as conn:  # the monitor raises it: paid, nothing minted
+        metrics = compute_metrics(conn, read_thresholds(conn))
+    assert metrics.failed_mints == 1 and "mints_failed" in [a.key for a in evaluate_alerts(metrics, Thresholds())]
+    dry = retry_failed_mints(pipeline, Filters(), dry_run=True, actor="t")
+    assert [(a.action, a.outcome) for a in dry] == [("retry_mint", "would_apply")]
+    assert mint_statuses(pipeline.engine) == {"failed": 1}
+    retry_failed_mints(pipeline, Filters(), dry_run=False, actor="t")
+    assert mint_statuses(pipeline.engine) == {"released": 1}
+    assert mint_tick(pipeline, _minter(chain), "mint-run", FAST).minted == 1  # the cause fixed: minted once
+    assert mint_statuses(pipeline.engine) == {"minted": 1}

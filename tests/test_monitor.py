@@ -51,7 +51,7 @@ def test_metrics_have_the_known_answers(engine: Engine) -> None:
     assert m.confirmation_rate == 0.75
     assert m.processing_time_p50 == 7.0  # median of 4, 6, 8, 10
     assert m.processing_time_p95 is not None and abs(m.processing_time_p95 - 9.7) < 0.01
-    assert (m.stuck_sent, m.stuck_processing) == (0, 1)
+    assert (m.stuck_sent, m.stuck_processing, m.failed_mints) == (0, 1, 0)
 
 
 def test_thresholds_come_from_system_settings(engine: Engine) -> None:
