@@ -1,4 +1,5 @@
-"""Chain access: batched JSON-RPC, EIP-3009 call data, EIP-1559 signing, error classification.
+"""Chain access: batched JSON-RPC, EIP-3009 and idempotent-mint call data, EIP-1559 signing, error
+classification.
 
 Per-payment work is batched: one JSON-RPC batch carries every estimate, receipt lookup or raw
 transaction of a tick, so the pipeline is bounded by the node, not by round trips.
@@ -28,6 +29,9 @@ TRANSFER_WITH_AUTHORIZATION_SIG = (
 )
 TRANSFER_WITH_AUTHORIZATION_SELECTOR = keccak(text=TRANSFER_WITH_AUTHORIZATION_SIG)[:4]
 AUTHORIZATION_STATE_SELECTOR = keccak(text="authorizationState(address,bytes32)")[:4]
+MINT_ONCE_SELECTOR = keccak(text="mintOnce(address,uint256,bytes32)")[:4]
+MINT_ID_USED_SELECTOR = keccak(text="mintIdUsed(bytes32)")[:4]
+MINT_ID_DOMAIN = "x402-mint"
 _ERROR_STRING_SELECTOR = bytes.fromhex("08c379a0")
 _TWA_TYPES = ["address", "address", "uint256", "uint256", "uint256", "bytes32", "uint8", "bytes32", "bytes32"]
 
@@ -159,6 +163,51 @@ def authorization_state_data(authorizer: str, nonce: str) -> bytes:
     return AUTHORIZATION_STATE_SELECTOR + abi_encode(
         ["address", "bytes32"], [authorizer, bytes.fromhex(nonce.removeprefix("0x"))]
     )
+
+
+# --------------------------------------------------------------------------- idempotent mints (mintOnce)
+
+
+def _bytes32(value: bytes) -> bytes:
+    if len(value) != 32:
+        raise ValueError(f"a mint id is 32 bytes, not {len(value)}")
+    return bytes(value)
+
+
+def mint_id_for(chain_id: int, mint_token: str, mint_row_id: int) -> bytes:
+    """The on-chain mint id of one mint_queue row: keccak256(abi.encode("x402-mint", chain_id, mint_token,
+    mint_row_id)) with Solidity types (string, uint256, address, uint256); 32 bytes.
+
+    Deterministic, so every retry or re-broadcast of the row carries the same id and the token's
+    `mintOnce` mints it at most once; distinct per chain, token and row, so no two rows share an id.
+    The address may be given in any letter case. Computable in Solidity as
+    `keccak256(abi.encode("x402-mint", block.chainid, address(token), rowId))`."""
+    return keccak(abi_encode(["string", "uint256", "address", "uint256"],
+                             [MINT_ID_DOMAIN, chain_id, Web3.to_checksum_address(mint_token), mint_row_id]))
+
+
+def mint_once_calldata(recipient: str, amount: int, mint_id: bytes) -> bytes:
+    """Call data of `mintOnce(address to, uint256 value, bytes32 mintId)`."""
+    return MINT_ONCE_SELECTOR + abi_encode(["address", "uint256", "bytes32"], [recipient, amount, _bytes32(mint_id)])
+
+
+def mint_id_used_calldata(mint_id: bytes) -> bytes:
+    """Call data of `mintIdUsed(bytes32 mintId)` (a view returning bool)."""
+    return MINT_ID_USED_SELECTOR + abi_encode(["bytes32"], [_bytes32(mint_id)])
+
+
+def supports_mint_once(w3: Web3, mint_token: str) -> bool:
+    """Whether the token at `mint_token` has `mintOnce`/`mintIdUsed`: one eth_call of mintIdUsed(0x00..00).
+    A token without them reverts (no fallback) or answers empty/short data (no code, or a fallback that
+    returns nothing) - both False. Transport failures raise RpcError (the caller retries)."""
+    call = {"to": Web3.to_checksum_address(mint_token), "data": "0x" + mint_id_used_calldata(bytes(32)).hex()}
+    (answer,) = rpc_batch(w3, [("eth_call", [call, "latest"])])
+    if not answer.ok:
+        if is_execution_reverted(answer.error or {}):
+            return False
+        raise RpcError(f"eth_call mintIdUsed failed: {answer.message}")
+    data = bytes.fromhex(str(answer.result or "0x").removeprefix("0x"))
+    return len(data) == 32 and int.from_bytes(data, "big") in (0, 1)
 
 
 # --------------------------------------------------------------------------- fees and signing

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 from eth_abi.abi import encode
 from eth_account import Account
+from eth_utils.crypto import keccak
 
 from payments.chain import (
     Fees,
@@ -14,6 +15,9 @@ from payments.chain import (
     broadcast_accepted,
     failure_code,
     fees_from,
+    mint_id_for,
+    mint_id_used_calldata,
+    mint_once_calldata,
     revert_reason,
     split_signature,
     transfer_with_authorization_data,
@@ -84,6 +88,35 @@ def test_transfer_with_authorization_calldata_matches_abi_encoding() -> None:
     expected = encode(["address", "address", "uint256", "uint256", "uint256", "bytes32", "uint8", "bytes32",
                        "bytes32"], [auth.payer, auth.pay_to, 5, 1, 9, bytes.fromhex("33" * 32), v, r, s])
     assert data[:4].hex() == "e3ee160e" and data[4:] == expected
+
+
+TOKEN = "0x" + "ab" * 20
+
+
+def test_mint_id_is_the_documented_hash_and_deterministic() -> None:
+    expected = keccak(encode(["string", "uint256", "address", "uint256"], ["x402-mint", 31337, TOKEN, 7]))
+    assert mint_id_for(31337, TOKEN, 7) == expected
+    assert len(expected) == 32
+    assert mint_id_for(31337, TOKEN, 7) == mint_id_for(31337, TOKEN.upper().replace("0X", "0x"), 7)
+
+
+def test_mint_ids_differ_per_chain_token_and_row() -> None:
+    ids = {mint_id_for(chain, token, row)
+           for chain in (1, 8453, 31337) for token in (TOKEN, "0x" + "cd" * 20) for row in (1, 2, 10**12)}
+    assert len(ids) == 3 * 2 * 3
+    assert bytes(32) not in ids  # the id supports_mint_once probes with is never a real row's
+
+
+def test_mint_once_calldata_matches_abi_encoding() -> None:
+    mint_id = bytes.fromhex("44" * 32)
+    data = mint_once_calldata("0x" + "22" * 20, 5, mint_id)
+    assert data[:4] == keccak(text="mintOnce(address,uint256,bytes32)")[:4]
+    assert data[4:] == encode(["address", "uint256", "bytes32"], ["0x" + "22" * 20, 5, mint_id])
+    assert mint_id_used_calldata(mint_id) == keccak(text="mintIdUsed(bytes32)")[:4] + mint_id
+    with pytest.raises(ValueError, match="32 bytes"):
+        mint_once_calldata("0x" + "22" * 20, 5, b"short")
+    with pytest.raises(ValueError, match="32 bytes"):
+        mint_id_used_calldata(bytes(33))
 
 
 def test_authorization_signature_recovers_the_payer_and_detects_tampering() -> None:
