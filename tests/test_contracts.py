@@ -1,4 +1,5 @@
-"""The EIP-3009 payment token on a real anvil: settlement, replay, expiry, forgery, cancellation."""
+"""The contracts on a real anvil: the EIP-3009 payment token (settlement, replay, expiry, forgery,
+cancellation) and the mint token's exactly-once mints (mintOnce)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,21 @@ import subprocess
 from typing import Any
 
 import pytest
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
 from web3.exceptions import ContractLogicError
+from web3.logs import DISCARD
 
+from payments.chain import (
+    artifact,
+    fees_from,
+    mint_id_for,
+    mint_once_calldata,
+    revert_reason,
+    rpc_batch,
+    sign_tx,
+    supports_mint_once,
+)
 from payments.config import REPO_ROOT
 from payments.eip3009 import Authorization
 from payments.localstack import Deployment, send_and_wait
@@ -108,6 +122,94 @@ def test_receive_with_authorization_needs_the_payee_as_caller(chain: Deployment)
 def test_eip712_domain_is_discoverable(chain: Deployment) -> None:
     fields = chain.payment_contract().functions.eip712Domain().call()
     assert fields[1:5] == ["USD Coin", "2", chain.chain_id, chain.w3().to_checksum_address(chain.payment_token)]
+
+
+# --------------------------------------------------------------------------- exactly-once mints
+
+MINT_ID_USED = "MintableToken: mint id already used"
+
+
+def _mint_token(dep: Deployment) -> Any:
+    return dep.w3().eth.contract(address=Web3.to_checksum_address(dep.mint_token),
+                                 abi=artifact("MintableToken")["abi"])
+
+
+def _estimate(dep: Deployment, sender: str, data: bytes) -> Any:
+    (answer,) = rpc_batch(dep.w3(), [("eth_estimateGas", [{"from": sender, "to": dep.mint_token,
+                                                           "data": "0x" + data.hex()}, "pending"])])
+    return answer
+
+
+def _force(dep: Deployment, account: LocalAccount, data: bytes, gas: int = 200_000) -> Any:
+    """Send `data` to the mint token with an explicit gas limit (no estimate), so a reverting call is mined."""
+    w3 = dep.w3()
+    fees = fees_from(int(w3.eth.get_block("latest")["baseFeePerGas"]), 1)
+    tx = sign_tx(account.key, chain_id=dep.chain_id, nonce=w3.eth.get_transaction_count(account.address, "pending"),
+                 to=dep.mint_token, data=data, gas=gas, fees=fees)
+    return w3.eth.wait_for_transaction_receipt(w3.eth.send_raw_transaction(tx.raw), timeout=60)
+
+
+@pytest.mark.chain
+def test_mint_once_mints_once_and_refuses_the_same_id_on_chain(chain: Deployment) -> None:
+    token = _mint_token(chain)
+    recipient = chain.buyers[0].address
+    mint_id = mint_id_for(chain.chain_id, chain.mint_token, 1)
+    assert token.functions.mintIdUsed(mint_id).call() is False
+    supply = token.functions.totalSupply().call()
+
+    data = mint_once_calldata(recipient, 10**18, mint_id)
+    assert _estimate(chain, chain.minter.address, data).ok
+    receipt = _force(chain, chain.minter, data)
+    assert receipt["status"] == 1
+    assert len(receipt["logs"]) == 2
+    (transfer,) = token.events.Transfer().process_receipt(receipt, errors=DISCARD)
+    assert (transfer.args["from"], transfer.args["to"], transfer.args["value"]) == (
+        "0x" + "00" * 20, recipient, 10**18)
+    (used,) = token.events.MintIdUsed().process_receipt(receipt, errors=DISCARD)
+    assert (used.args["mintId"], used.args["to"], used.args["value"]) == (mint_id, recipient, 10**18)
+    assert token.functions.mintIdUsed(mint_id).call() is True
+    assert token.functions.balanceOf(recipient).call() == 10**18
+    assert token.functions.totalSupply().call() == supply + 10**18
+
+    # The same id again - even to another recipient, for another amount - is refused by the contract.
+    for again in (data, mint_once_calldata(chain.buyers[1].address, 5, mint_id)):
+        answer = _estimate(chain, chain.minter.address, again)
+        assert not answer.ok and revert_reason(answer.error or {}) == MINT_ID_USED
+        assert _force(chain, chain.minter, again)["status"] == 0
+    with pytest.raises(ContractLogicError, match=MINT_ID_USED):
+        send_and_wait(chain.w3(), chain.minter, token.functions.mintOnce(recipient, 10**18, mint_id))
+    assert token.functions.totalSupply().call() == supply + 10**18
+    assert token.functions.balanceOf(recipient).call() == 10**18
+    assert token.functions.balanceOf(chain.buyers[1].address).call() == 0
+
+    # Another id mints; the plain mint still works alongside.
+    other = mint_id_for(chain.chain_id, chain.mint_token, 2)
+    assert _force(chain, chain.minter, mint_once_calldata(recipient, 3, other))["status"] == 1
+    send_and_wait(chain.w3(), chain.minter, token.functions.mint(recipient, 4))
+    assert token.functions.totalSupply().call() == supply + 10**18 + 7
+
+
+@pytest.mark.chain
+def test_mint_once_refuses_a_caller_that_is_not_a_minter(chain: Deployment) -> None:
+    token = _mint_token(chain)
+    outsider = chain.signers[0]  # has ETH, has no minter role
+    assert token.functions.isMinter(outsider.address).call() is False
+    mint_id = mint_id_for(chain.chain_id, chain.mint_token, 3)
+    data = mint_once_calldata(outsider.address, 10**18, mint_id)
+    answer = _estimate(chain, outsider.address, data)
+    assert not answer.ok and revert_reason(answer.error or {}) == "MintableToken: caller is not a minter"
+    assert _force(chain, outsider, data)["status"] == 0
+    assert token.functions.mintIdUsed(mint_id).call() is False  # a refused call does not use up the id
+    assert token.functions.balanceOf(outsider.address).call() == 0
+    assert _force(chain, chain.minter, mint_once_calldata(outsider.address, 1, mint_id))["status"] == 1
+
+
+@pytest.mark.chain
+def test_supports_mint_once_tells_the_mint_token_from_tokens_without_it(chain: Deployment) -> None:
+    w3 = chain.w3()
+    assert supports_mint_once(w3, chain.mint_token) is True
+    assert supports_mint_once(w3, chain.payment_token) is False  # no mintIdUsed: the call reverts
+    assert supports_mint_once(w3, chain.merchant) is False  # no code at all: an empty answer
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is needed to compile")
