@@ -94,7 +94,7 @@ def rollback_to_failed_flow(payment_ids: PaymentIds = None, older_than_seconds: 
 @flow(name="resync-nonces")
 def resync_nonces_flow(dry_run: bool = True) -> dict[str, int]:
     """Per signer: counter vs chain; stored transactions of waiting nonces re-broadcast, gaps filled."""
-    return _run("resync_nonces", dry_run, lambda p, actor: resync_nonces(p, dry_run=dry_run, actor=actor))
+    return _run("resync_nonces", dry_run, lambda p, actor: resync_nonces(p, p.settings(), dry_run=dry_run, actor=actor))
 
 
 @flow(name="reconcile-block-range")

@@ -218,15 +218,6 @@ class Fees:
     max_fee_per_gas: int
     max_priority_fee_per_gas: int
 
-    def bumped(self, percent: int, floor: Fees | None = None) -> Fees:
-        """Both fees raised by `percent` (geth wants >= 10 % on both), never below `floor`."""
-        tip = self.max_priority_fee_per_gas * (100 + percent) // 100 + 1
-        cap = self.max_fee_per_gas * (100 + percent) // 100 + 1
-        if floor is not None:
-            tip = max(tip, floor.max_priority_fee_per_gas)
-            cap = max(cap, floor.max_fee_per_gas)
-        return Fees(max_fee_per_gas=max(cap, tip), max_priority_fee_per_gas=tip)
-
 
 def fees_from(base_fee: int, priority_fee: int) -> Fees:
     """Pay up to twice the current base fee, so a tx survives several full blocks of fee growth."""

@@ -57,6 +57,10 @@ def _keys_from_secret_blocks(names: list[str]) -> list[str]:
     return [str(Secret.load(name).get()) for name in names]  # type: ignore[union-attr]
 
 
+def minter_configured() -> bool:
+    return any(os.environ.get(name, "").strip() for name in ("MINTER_PRIVATE_KEY", "MINTER_KEY_SECRET_BLOCK"))
+
+
 def load_minter() -> Signer:
     """The wallet that mints what was bought: MINTER_PRIVATE_KEY or the Prefect Secret block named in
     MINTER_KEY_SECRET_BLOCK. It should hold the mint token's minter role and nothing else."""

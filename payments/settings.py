@@ -18,7 +18,7 @@ class PipelineSettings:
     confirmation_interval_ms: int = 2000
     confirmation_batch_size: int = 20
     confirmation_timeout_seconds: int = 300
-    confirmation_depth: int = 1
+    confirmation_depth: int = 2
     rebroadcast_after_seconds: int = 30
     processing_lease_seconds: int = 60
     fee_bump_percent: int = 20
@@ -27,6 +27,10 @@ class PipelineSettings:
     confirm_run_seconds: int = 25
     mint_batch_size: int = 50
     mint_gas_limit: int = 200_000
+    mint_confirmation_depth: int = 3
+    fee_bump_after_blocks: int = 3
+    max_fee_per_gas_cap: int = 500 * 10**9
+    finality_depth: int = 12
 
     def __post_init__(self) -> None:
         bounds = {
@@ -36,7 +40,7 @@ class PipelineSettings:
             "confirmation_batch_size": (1, 100_000),
             "confirmation_timeout_seconds": (1, 86_400),
             "confirmation_depth": (1, 1_000),
-            "rebroadcast_after_seconds": (1, 86_400),
+            "rebroadcast_after_seconds": (0, 86_400),
             "processing_lease_seconds": (5, 86_400),
             "fee_bump_percent": (10, 1_000),
             "settlement_gas_limit": (21_000, 30_000_000),
@@ -44,11 +48,20 @@ class PipelineSettings:
             "confirm_run_seconds": (0, 3_600),
             "mint_batch_size": (1, 100_000),
             "mint_gas_limit": (21_000, 30_000_000),
+            "mint_confirmation_depth": (1, 1_000),
+            "fee_bump_after_blocks": (1, 1_000),
+            "max_fee_per_gas_cap": (10**6, 10**16),
+            "finality_depth": (1, 10_000),
         }
         for name, (low, high) in bounds.items():
             value = getattr(self, name)
             if not low <= value <= high:
                 raise ConfigurationError(f"system_settings.{name}={value} is outside [{low}, {high}]")
+
+    @property
+    def mint_depth(self) -> int:
+        """Blocks before mints are released: never fewer than a payment needs to count as completed."""
+        return max(self.mint_confirmation_depth, self.confirmation_depth)
 
 
 _INT_FIELDS = {f.name for f in fields(PipelineSettings)}

@@ -103,18 +103,57 @@ WHERE chain_id = :chain_id AND signer = :signer AND next_nonce = :expected
 RETURNING next_nonce
 
 -- insert_transactions --
+-- Attempts are stored before they are broadcast; identical bytes signed twice are stored once.
 INSERT INTO payment_transactions (chain_id, signer, nonce, tx_hash, payment_id, mint_id, kind, raw_tx,
-                                  max_fee_per_gas, max_priority_fee_per_gas, gas_limit)
+                                  max_fee_per_gas, max_priority_fee_per_gas, gas_limit, signed_block, fee_capped)
 SELECT :chain_id, :signer, v.nonce, v.tx_hash, v.payment_id, v.mint_id, v.kind, v.raw_tx, v.max_fee, v.max_tip,
-       v.gas_limit
+       v.gas_limit, CAST(:signed_block AS bigint), v.capped
 FROM unnest(CAST(:nonces AS bigint[]), CAST(:hashes AS text[]), CAST(:payment_ids AS text[]),
             CAST(:mint_ids AS bigint[]), CAST(:kinds AS text[]), CAST(:raws AS bytea[]),
-            CAST(:max_fees AS numeric[]), CAST(:max_tips AS numeric[]), CAST(:gas_limits AS bigint[]))
-     AS v(nonce, tx_hash, payment_id, mint_id, kind, raw_tx, max_fee, max_tip, gas_limit)
+            CAST(:max_fees AS numeric[]), CAST(:max_tips AS numeric[]), CAST(:gas_limits AS bigint[]),
+            CAST(:capped AS boolean[]))
+     AS v(nonce, tx_hash, payment_id, mint_id, kind, raw_tx, max_fee, max_tip, gas_limit, capped)
+ON CONFLICT (tx_hash) DO NOTHING
+RETURNING id
+
+-- txm_open_attempts --
+-- The latest attempt at each open nonce of a wallet, every hash at that nonce, and what its intent is now.
+SELECT DISTINCT ON (t.nonce)
+       t.nonce, t.tx_hash, t.kind, t.payment_id, t.mint_id, t.raw_tx, t.max_fee_per_gas, t.max_priority_fee_per_gas,
+       t.gas_limit, t.signed_block, t.last_broadcast_error,
+       extract(epoch FROM now() - t.broadcast_at) AS broadcast_age,
+       a.hashes, p.status AS payment_status, p.valid_before, p.tx_hash AS payment_tx_hash,
+       m.status AS mint_status, m.tx_hash AS mint_tx_hash
+FROM payment_transactions t
+JOIN LATERAL (SELECT array_agg(x.tx_hash) AS hashes FROM payment_transactions x
+              WHERE x.chain_id = t.chain_id AND x.signer = t.signer AND x.nonce = t.nonce) a ON true
+LEFT JOIN payment_queue p ON p.id = t.payment_id
+LEFT JOIN mint_queue m ON m.id = t.mint_id
+WHERE t.chain_id = :chain_id AND t.signer = :wallet AND t.nonce >= :low AND t.nonce < :high
+ORDER BY t.nonce, t.id DESC
+
+-- txm_unrecorded_nonces --
+-- Nonces the chain consumed (below :below) whose outcome is not recorded yet, oldest first.
+SELECT t.nonce, array_agg(t.tx_hash ORDER BY t.id) AS hashes
+FROM payment_transactions t
+WHERE t.chain_id = :chain_id AND t.signer = :wallet AND t.nonce < :below
+  AND t.nonce > coalesce((SELECT max(n.nonce) FROM txm_nonces n
+                          WHERE n.chain_id = :chain_id AND n.wallet = :wallet), -1)
+GROUP BY t.nonce
+ORDER BY t.nonce
+LIMIT :limit
+
+-- record_nonce_outcomes --
+INSERT INTO txm_nonces (chain_id, wallet, nonce, mined_hash, block_number, block_hash, status)
+SELECT :chain_id, :wallet, v.nonce, v.mined_hash, v.block_number, v.block_hash, v.status
+FROM unnest(CAST(:nonces AS bigint[]), CAST(:hashes AS text[]), CAST(:blocks AS bigint[]),
+            CAST(:block_hashes AS text[]), CAST(:statuses AS smallint[]))
+     AS v(nonce, mined_hash, block_number, block_hash, status)
+ON CONFLICT DO NOTHING
 
 -- attach_transactions --
 UPDATE payment_queue p
-SET tx_nonce = v.nonce, tx_hash = v.tx_hash, updated_at = now()
+SET tx_nonce = v.nonce, tx_hash = v.tx_hash, sent_block = :sent_block, updated_at = now()
 FROM unnest(CAST(:ids AS text[]), CAST(:nonces AS bigint[]), CAST(:hashes AS text[])) AS v(id, nonce, tx_hash)
 WHERE p.id = v.id AND p.status = 'processing' AND p.lease_owner = :owner AND p.tx_hash IS NULL
 RETURNING p.id
@@ -140,59 +179,98 @@ UPDATE payment_queue SET error = v.error, updated_at = now()
 FROM unnest(CAST(:ids AS text[]), CAST(:errors AS text[])) AS v(id, error)
 WHERE payment_queue.id = v.id AND payment_queue.status = 'processing'
 
--- load_sent_payments --
--- The confirmation loop's batch: oldest first, with every hash ever broadcast for each payment.
-SELECT p.id, p.payer, p.token, p.pay_to, p.amount, p.valid_after, p.valid_before, p.auth_nonce, p.signature,
-       p.signer, p.tx_nonce,
-       extract(epoch FROM coalesce(CAST(:now AS timestamptz), now()) - p.sent_at) AS age_seconds,
-       t.hashes, t.latest_hash, t.latest_age_seconds, t.last_broadcast_age_seconds,
-       t.max_fee_per_gas, t.max_priority_fee_per_gas, t.gas_limit
-FROM (
-    SELECT * FROM payment_queue
-    WHERE status = 'sent' AND chain_id = :chain_id
+-- claim_confirmations --
+-- Confirm work: `sent` payments and completed ones whose mints are not released yet, least recently
+-- checked first (stuck rows cannot starve the rest), under a lease so overlapping confirm runs and
+-- recovery flows never act on one payment at once.
+WITH c AS (
+    SELECT id FROM payment_queue
+    WHERE chain_id = :chain_id AND (status = 'sent' OR (status = 'completed' AND final_at IS NULL))
+      AND (check_expires_at IS NULL OR check_expires_at < now())
       AND (CAST(:ids AS text[]) IS NULL OR id = ANY(CAST(:ids AS text[])))
-    ORDER BY processed_at
+    ORDER BY checked_at NULLS FIRST, created_at
     LIMIT :limit
-) p
-CROSS JOIN LATERAL (
-    SELECT array_agg(tx_hash ORDER BY id) AS hashes,
-           (array_agg(tx_hash ORDER BY id DESC))[1] AS latest_hash,
-           extract(epoch FROM coalesce(CAST(:now AS timestamptz), now()) - max(created_at)) AS latest_age_seconds,
-           extract(epoch FROM coalesce(CAST(:now AS timestamptz), now()) - max(broadcast_at))
-               AS last_broadcast_age_seconds,
-           (array_agg(max_fee_per_gas ORDER BY id DESC))[1] AS max_fee_per_gas,
-           (array_agg(max_priority_fee_per_gas ORDER BY id DESC))[1] AS max_priority_fee_per_gas,
-           (array_agg(gas_limit ORDER BY id DESC))[1] AS gas_limit
-    FROM payment_transactions
-    WHERE payment_id = p.id AND kind IN ('settlement', 'replacement')
-) t
-ORDER BY p.processed_at
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE payment_queue p
+SET check_owner = :owner, check_expires_at = now() + make_interval(secs => :lease_seconds), checked_at = now()
+FROM c WHERE p.id = c.id
+RETURNING p.id, p.status, p.token, p.payer, p.pay_to, p.amount, p.valid_before, p.auth_nonce, p.signer, p.tx_nonce,
+          p.tx_hash, p.block_number, p.block_hash, p.sent_block, p.attempts,
+          extract(epoch FROM now() - p.sent_at) AS age_seconds,
+          EXISTS (SELECT 1 FROM txm_nonces n WHERE n.chain_id = p.chain_id AND n.wallet = p.signer
+                  AND n.nonce = p.tx_nonce) AS nonce_final
+
+-- requeue_settlements --
+-- Our transaction's nonce was consumed at depth without settling (it reverted, or a transaction we did
+-- not sign took the nonce) while the authorization is unused and valid: settle it again under a new
+-- nonce. EIP-3009 lets an authorization move funds once, so a second settlement cannot pay twice.
+UPDATE payment_queue p
+SET status = 'pending', signer = NULL, tx_nonce = NULL, tx_hash = NULL, sent_at = NULL, processed_at = NULL,
+    sent_block = NULL, lease_owner = NULL, lease_expires_at = NULL, error = v.error, updated_at = now()
+FROM unnest(CAST(:ids AS text[]), CAST(:errors AS text[])) AS v(id, error)
+WHERE p.id = v.id AND p.status = 'sent' AND p.check_owner = :owner
+RETURNING p.id
+
+-- mark_sent_foreign --
+-- The authorization was used by a transaction we did not sign before ours was signed: `sent` with that
+-- transaction, so the confirm stage completes it (with depth) like any other settlement.
+UPDATE payment_queue p
+SET status = 'sent', tx_hash = v.tx_hash, sent_at = now(), processed_at = now(), lease_owner = NULL,
+    lease_expires_at = NULL, error = v.note, updated_at = now()
+FROM unnest(CAST(:ids AS text[]), CAST(:hashes AS text[]), CAST(:notes AS text[])) AS v(id, tx_hash, note)
+WHERE p.id = v.id AND p.status = 'processing' AND p.lease_owner = :owner AND p.tx_hash IS NULL
+RETURNING p.id
+
+-- end_confirmation_claims --
+UPDATE payment_queue SET check_owner = NULL, check_expires_at = NULL
+WHERE id = ANY(CAST(:ids AS text[])) AND check_owner = :owner
 
 -- complete_payments --
--- Callback: the payment's mint rows are released in the same statement (same transaction) as
--- `completed`, and only for the rows this statement moved, so a mint is released exactly once.
-WITH done AS (
-    UPDATE payment_queue p
-    SET status = 'completed', confirmed_at = now(), block_number = v.block_number, tx_hash = v.tx_hash,
-        error = NULL, updated_at = now()
-    FROM unnest(CAST(:ids AS text[]), CAST(:blocks AS bigint[]), CAST(:hashes AS text[]))
-         AS v(id, block_number, tx_hash)
-    WHERE p.id = v.id AND p.status = 'sent'
+-- The authorization is used on chain at confirmation_depth: completed, with the transaction (ours or
+-- anyone's) and block that settled it. Mints wait for mint_confirmation_depth (release_settled_mints).
+UPDATE payment_queue p
+SET status = 'completed', confirmed_at = now(), block_number = v.block_number, block_hash = v.block_hash,
+    tx_hash = v.tx_hash, error = NULL, updated_at = now()
+FROM unnest(CAST(:ids AS text[]), CAST(:blocks AS bigint[]), CAST(:block_hashes AS text[]), CAST(:hashes AS text[]))
+     AS v(id, block_number, block_hash, tx_hash)
+WHERE p.id = v.id AND p.status = 'sent' AND p.check_owner = :owner
+RETURNING p.id
+
+-- release_settled_mints --
+-- Callback: the settlement is mint_confirmation_depth deep in the same block it was found in. The
+-- payment becomes final and its mint rows are released in the same statement, exactly once.
+WITH final AS (
+    UPDATE payment_queue p SET final_at = now(), updated_at = now()
+    FROM unnest(CAST(:ids AS text[]), CAST(:block_hashes AS text[])) AS v(id, block_hash)
+    WHERE p.id = v.id AND p.status = 'completed' AND p.final_at IS NULL AND p.block_hash = v.block_hash
+      AND p.check_owner = :owner
     RETURNING p.id
 ), released AS (
     UPDATE mint_queue m SET status = 'released', released_at = now()
-    FROM done WHERE m.payment_id = done.id AND m.status = 'waiting'
+    FROM final WHERE m.payment_id = final.id AND m.status = 'waiting'
     RETURNING m.id
 )
-SELECT id FROM done
+SELECT id FROM final
+
+-- unsettle_payments --
+-- A reorg removed (or moved) the settlement before the mints were released: back to `sent`; the next
+-- pass finds it again wherever the chain has it now.
+UPDATE payment_queue p
+SET status = 'sent', confirmed_at = NULL, block_number = NULL, block_hash = NULL, error = v.error, updated_at = now()
+FROM unnest(CAST(:ids AS text[]), CAST(:errors AS text[])) AS v(id, error)
+WHERE p.id = v.id AND p.status = 'completed' AND p.final_at IS NULL AND p.check_owner = :owner
+RETURNING p.id
 
 -- fail_confirmation --
+-- Proven on chain that the payment can never settle (authorization expired unused at a final block,
+-- or cancelled): confirmation_failed, mint rows cancelled.
 WITH failed AS (
     UPDATE payment_queue p
     SET status = 'confirmation_failed', error = v.error, block_number = v.block_number, updated_at = now()
     FROM unnest(CAST(:ids AS text[]), CAST(:errors AS text[]), CAST(:blocks AS bigint[]))
          AS v(id, error, block_number)
-    WHERE p.id = v.id AND p.status = 'sent'
+    WHERE p.id = v.id AND p.status = 'sent' AND p.check_owner = :owner
     RETURNING p.id
 ), cancelled AS (
     UPDATE mint_queue m SET status = 'cancelled', cancelled_at = now()
@@ -200,13 +278,6 @@ WITH failed AS (
     RETURNING m.id
 )
 SELECT id FROM failed
-
--- insert_replacement --
-INSERT INTO payment_transactions (chain_id, signer, nonce, tx_hash, payment_id, kind, raw_tx,
-                                  max_fee_per_gas, max_priority_fee_per_gas, gas_limit)
-SELECT :chain_id, :signer, :nonce, :tx_hash, :payment_id, :kind, :raw_tx, :max_fee, :max_tip, :gas_limit
-WHERE EXISTS (SELECT 1 FROM payment_queue WHERE id = :payment_id AND status = 'sent')
-RETURNING id
 
 -- status_counts --
 SELECT status, count(*) AS n FROM payment_queue GROUP BY status
@@ -227,7 +298,8 @@ WHERE status IN ('completed', 'failed', 'confirmation_failed')
 -- recovery_candidates --
 -- Payments a recovery flow looks at: by status, optionally by id, and not touched for :older_than seconds.
 SELECT id, status, chain_id, token, payer, auth_nonce, valid_before, signer, tx_nonce, tx_hash,
-       lease_expires_at, sent_at, updated_at
+       lease_expires_at, sent_at, updated_at, block_hash, sent_block,
+       extract(epoch FROM now() - sent_at) AS age_seconds
 FROM payment_queue
 WHERE chain_id = :chain_id
   AND status = ANY(CAST(:statuses AS text[]))
@@ -255,10 +327,11 @@ RETURNING id
 -- cancelled and are released, once, by the statement that moves the payment.
 WITH done AS (
     UPDATE payment_queue p
-    SET status = 'completed', confirmed_at = now(), block_number = v.block_number, tx_hash = v.tx_hash,
-        error = v.note, updated_at = now()
-    FROM unnest(CAST(:ids AS text[]), CAST(:blocks AS bigint[]), CAST(:hashes AS text[]), CAST(:notes AS text[]))
-         AS v(id, block_number, tx_hash, note)
+    SET status = 'completed', confirmed_at = now(), final_at = now(), block_number = v.block_number,
+        block_hash = v.block_hash, tx_hash = v.tx_hash, error = v.note, updated_at = now()
+    FROM unnest(CAST(:ids AS text[]), CAST(:blocks AS bigint[]), CAST(:block_hashes AS text[]),
+                CAST(:hashes AS text[]), CAST(:notes AS text[]))
+         AS v(id, block_number, block_hash, tx_hash, note)
     WHERE p.id = v.id AND p.status = 'confirmation_failed'
     RETURNING p.id
 ), released AS (
@@ -425,19 +498,37 @@ ORDER BY id
 FOR UPDATE
 
 -- load_minting --
--- Mints whose transaction was stored: the hashes to poll (and re-send when the node lost them).
-SELECT m.id, m.minter, m.tx_nonce, array_agg(t.tx_hash ORDER BY t.id) AS hashes,
-       extract(epoch FROM now() - max(t.broadcast_at)) AS last_broadcast_age_seconds
-FROM mint_queue m JOIN payment_transactions t ON t.mint_id = m.id
-WHERE m.status = 'minting' AND m.tx_hash IS NOT NULL
-GROUP BY m.id
-ORDER BY m.id
-LIMIT :limit
+-- Mints being sent, least recently checked first: their mint id, every stored attempt, and the recorded
+-- outcome of their nonce (NULL while it is open).
+WITH picked AS (
+    SELECT m.id FROM mint_queue m
+    WHERE m.status = 'minting' AND (m.tx_hash IS NOT NULL OR m.mint_key IS NOT NULL)
+    ORDER BY m.checked_at NULLS FIRST, m.id
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+), touched AS (
+    UPDATE mint_queue m SET checked_at = now() FROM picked WHERE m.id = picked.id
+    RETURNING m.id, m.mint_token, m.mint_key, m.minter, m.tx_nonce
+)
+SELECT t.id, t.mint_token, t.mint_key, t.minter, t.tx_nonce,
+       coalesce(a.hashes, ARRAY[]::text[]) AS hashes, a.first_block,
+       n.nonce IS NOT NULL AS nonce_final, n.mined_hash, n.status AS mined_status
+FROM touched t
+LEFT JOIN LATERAL (SELECT array_agg(x.tx_hash ORDER BY x.id) AS hashes, min(x.signed_block) AS first_block
+                   FROM payment_transactions x WHERE x.mint_id = t.id) a ON true
+LEFT JOIN txm_nonces n ON n.chain_id = :chain_id AND n.wallet = t.minter AND n.nonce = t.tx_nonce
+ORDER BY t.id
+
+-- note_mint_keys --
+UPDATE mint_queue m SET mint_key = v.mint_key
+FROM unnest(CAST(:ids AS bigint[]), CAST(:keys AS text[])) AS v(id, mint_key)
+WHERE m.id = v.id AND m.status = 'minting'
 
 -- finish_mints --
 UPDATE mint_queue m SET status = 'minted', minted_at = now(), block_number = v.block_number, tx_hash = v.tx_hash,
-                        lease_owner = NULL, lease_expires_at = NULL, error = NULL
-FROM unnest(CAST(:ids AS bigint[]), CAST(:blocks AS bigint[]), CAST(:hashes AS text[])) AS v(id, block_number, tx_hash)
+                        block_hash = v.block_hash, lease_owner = NULL, lease_expires_at = NULL, error = NULL
+FROM unnest(CAST(:ids AS bigint[]), CAST(:blocks AS bigint[]), CAST(:hashes AS text[]), CAST(:block_hashes AS text[]))
+     AS v(id, block_number, tx_hash, block_hash)
 WHERE m.id = v.id AND m.status = 'minting'
 RETURNING m.id
 
@@ -476,7 +567,11 @@ WHERE id = :id AND status = 'pending'
 RETURNING status
 
 -- failed_mints --
-SELECT m.id, m.payment_id, m.error, m.tx_hash FROM mint_queue m JOIN payment_queue p ON p.id = m.payment_id
+SELECT m.id, m.payment_id, m.error, m.tx_hash, m.mint_token, m.mint_key, m.minter, m.tx_nonce,
+       n.nonce IS NOT NULL AS nonce_final, n.mined_hash, n.status AS mined_status,
+       (SELECT array_agg(x.tx_hash) FROM payment_transactions x WHERE x.mint_id = m.id) AS hashes
+FROM mint_queue m JOIN payment_queue p ON p.id = m.payment_id
+LEFT JOIN txm_nonces n ON n.chain_id = p.chain_id AND n.wallet = m.minter AND n.nonce = m.tx_nonce
 WHERE m.status = 'failed' AND p.chain_id = :chain_id
   AND (CAST(:ids AS text[]) IS NULL OR m.payment_id = ANY(CAST(:ids AS text[])))
 ORDER BY m.id LIMIT :limit
@@ -487,6 +582,8 @@ ORDER BY m.id LIMIT :limit
 UPDATE mint_queue SET status = 'released', tx_hash = NULL, tx_nonce = NULL, minter = NULL, error = NULL,
                       lease_owner = NULL, lease_expires_at = NULL
 WHERE id = ANY(CAST(:ids AS bigint[])) AND status = 'failed'
+  AND (tx_nonce IS NULL OR EXISTS (SELECT 1 FROM txm_nonces n WHERE n.wallet = mint_queue.minter
+                                   AND n.nonce = mint_queue.tx_nonce))
 RETURNING id
 
 -- failed_mint_count --

@@ -15,10 +15,11 @@ from sqlalchemy import Connection, Engine, text
 from web3 import Web3
 
 from payments.chain import connect
-from payments.config import Signer, load_signers, require_env
+from payments.config import Signer, load_minter, load_signers, minter_configured, require_env
 from payments.db import engine_for
 from payments.errors import RpcError
 from payments.settings import PipelineSettings, read_settings
+from payments.txm import TxManager
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter[Any]:
@@ -44,6 +45,7 @@ class Pipeline:
     w3: Web3
     chain_id: int
     signers: list[Signer] = field(repr=False)
+    minter: Signer | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls) -> Pipeline:
@@ -53,7 +55,13 @@ class Pipeline:
             w3=w3,
             chain_id=int(w3.eth.chain_id),
             signers=load_signers(),
+            minter=load_minter() if minter_configured() else None,
         )
+
+    def txm(self) -> TxManager:
+        """The transaction manager over every key this process holds (signers and the minter)."""
+        keys = self.signers + ([self.minter] if self.minter is not None else [])
+        return TxManager(self.engine, self.w3, self.chain_id, keys)
 
     def settings(self) -> PipelineSettings:
         with self.engine.connect() as conn:
@@ -64,6 +72,9 @@ class Pipeline:
             if s.address == address.lower():
                 return s
         raise KeyError(f"signer {address} is not configured in this process")
+
+    def signer_or_none(self, address: str) -> Signer | None:
+        return next((s for s in self.signers if s.address == address.lower()), None)
 
 
 def lane_lock_key(chain_id: int, signer: str) -> str:

@@ -1,8 +1,19 @@
-"""The confirm stage: receipts for every hash of the oldest `sent` payments, then per payment:
-completed (mint rows released in the same statement), confirmation_failed (mint rows cancelled),
-re-broadcast, or - past the stuck timeout - reconcile against the chain and bump fees.
+"""The confirm stage: payment outcomes read from the chain, never from our own hashes.
 
-A payment is never marked failed while any of its transactions could still be mined."""
+A payment is settled iff its EIP-3009 authorization is used on chain (`AuthorizationUsed`, which the
+token emits with the transfer to `pay_to`), whichever transaction did it: ours, a fee-bump replacement,
+or a front-runner's copy of our calldata. Our transaction reverting proves nothing. Per claimed payment:
+
+- settled at `confirmation_depth` -> `completed` (transaction, block number and block hash recorded);
+- completed and settled at `mint_confirmation_depth` in the same block -> final, mint rows released;
+- completed, but the settlement is gone or moved (a reorg) before that -> back to `sent`;
+- unused, and expired at a block `finality_depth` below the head, or cancelled by the payer ->
+  `confirmation_failed` (provably impossible), mint rows cancelled;
+- otherwise it waits; getting a transaction mined (fee bumps, re-broadcasts, filling a dead nonce) is the
+  transaction manager's job (payments/txm.py), run for every wallet each tick.
+
+Work is claimed with SKIP LOCKED under a lease, least recently checked first, so overlapping confirm
+runs and recovery flows never act on one payment at once and stuck rows cannot starve the rest."""
 
 from __future__ import annotations
 
@@ -10,287 +21,287 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from eth_utils.crypto import keccak
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from payments.chain import (
-    Fees,
-    authorization_state_data,
-    broadcast_accepted,
-    rpc_batch,
-    sign_tx,
-    to_int,
-    transfer_with_authorization_data,
-)
+from payments.chain import authorization_state_data, rpc_batch, to_int
 from payments.db import fetch_all, query, transaction
 from payments.errors import RpcError
 from payments.settings import PipelineSettings
-from payments.statuses import TxKind
+from payments.txm import TendReport
 from tasks.common import Pipeline, retry_on_rpc_error, run_logger
-from tasks.send import broadcast_stored
+
+AUTHORIZATION_USED_TOPIC = "0x" + keccak(text="AuthorizationUsed(address,bytes32)").hex()
+AUTHORIZATION_CANCELED_TOPIC = "0x" + keccak(text="AuthorizationCanceled(address,bytes32)").hex()
+LOG_LOOKBACK_BLOCKS = 16  # searched below the head at signing time (a settlement cannot land earlier)
 
 
 @dataclass(frozen=True)
-class SentPayment:
+class CheckedPayment:
     id: str
-    payer: str
+    status: str
     token: str
-    pay_to: str
-    amount: int
-    valid_after: int
-    valid_before: int
+    payer: str
     auth_nonce: str
-    signature: str
-    signer: str
-    tx_nonce: int
-    age_seconds: float
-    hashes: tuple[str, ...]
-    latest_hash: str
-    latest_age_seconds: float
-    last_broadcast_age_seconds: float | None
-    fees: Fees
-    gas_limit: int
+    valid_before: int
+    signer: str | None
+    block_hash: str | None
+    sent_block: int | None
+    nonce_final: bool = False  # the nonce of our transaction was consumed at depth (txm_nonces)
+    attempts: int = 1
 
     @classmethod
-    def from_row(cls, r: dict[str, Any]) -> SentPayment:
-        return cls(
-            id=r["id"], payer=r["payer"], token=r["token"], pay_to=r["pay_to"], amount=int(r["amount"]),
-            valid_after=int(r["valid_after"]), valid_before=int(r["valid_before"]), auth_nonce=r["auth_nonce"],
-            signature=r["signature"], signer=r["signer"], tx_nonce=int(r["tx_nonce"]),
-            age_seconds=float(r["age_seconds"]), hashes=tuple(r["hashes"]), latest_hash=r["latest_hash"],
-            latest_age_seconds=float(r["latest_age_seconds"]),
-            last_broadcast_age_seconds=(None if r["last_broadcast_age_seconds"] is None
-                                        else float(r["last_broadcast_age_seconds"])),
-            fees=Fees(int(r["max_fee_per_gas"]), int(r["max_priority_fee_per_gas"])),
-            gas_limit=int(r["gas_limit"]),
-        )
-
-
-class Verdict(StrEnum):
-    COMPLETE = "complete"
-    REVERTED = "reverted"
-    WAIT = "wait"
-    REBROADCAST = "rebroadcast"
-    RECONCILE = "reconcile"
+    def from_row(cls, r: dict[str, Any]) -> CheckedPayment:
+        return cls(id=r["id"], status=r["status"], token=r["token"], payer=r["payer"], auth_nonce=r["auth_nonce"],
+                   valid_before=int(r["valid_before"]), signer=r["signer"], block_hash=r["block_hash"],
+                   sent_block=None if r["sent_block"] is None else int(r["sent_block"]),
+                   nonce_final=bool(r.get("nonce_final")), attempts=int(r.get("attempts") or 1))
 
 
 @dataclass(frozen=True)
-class Receipt:
+class Settlement:
+    """Where the chain has the authorization used right now."""
+
     tx_hash: str
-    status: int
     block_number: int
-
-    @classmethod
-    def from_rpc(cls, r: dict[str, Any]) -> Receipt:
-        return cls(tx_hash=str(r["transactionHash"]).lower(), status=to_int(r["status"]),
-                   block_number=to_int(r["blockNumber"]))
+    block_hash: str
 
 
-def judge(payment: SentPayment, receipts: dict[str, Receipt], head: int,
-          settings: PipelineSettings) -> tuple[Verdict, Receipt | None]:
-    """Pure decision for one sent payment from the receipts of its hashes and the chain head."""
-    mined = [receipts[h] for h in payment.hashes if h in receipts]
-    success = next((r for r in mined if r.status == 1), None)
-    chosen = success or (mined[0] if mined else None)
-    if chosen is not None:
-        if head - chosen.block_number + 1 < settings.confirmation_depth:
-            return Verdict.WAIT, chosen
-        return (Verdict.COMPLETE if chosen.status == 1 else Verdict.REVERTED), chosen
-    if payment.age_seconds >= settings.confirmation_timeout_seconds:
-        return Verdict.RECONCILE, None
-    last = payment.last_broadcast_age_seconds
-    if last is None or last >= settings.rebroadcast_after_seconds:
-        return Verdict.REBROADCAST, None
-    return Verdict.WAIT, None
+@dataclass(frozen=True)
+class Facts:
+    used_now: bool  # authorizationState at the head
+    settlement: Settlement | None  # its AuthorizationUsed event on the canonical chain
+    cancelled: bool  # an AuthorizationCanceled event
+    expired_final: bool  # unused at the block finality_depth below the head, whose time is past validBefore
+    expired_now: bool = False  # the head's time is past validBefore
+
+
+class Outcome(StrEnum):
+    WAIT = "wait"
+    COMPLETE = "complete"
+    FINAL = "final"  # complete and, already mint_confirmation_depth deep, release the mints at once
+    RELEASE = "release"
+    STEP_BACK = "step_back"
+    FAIL = "fail"
+    RETRY = "retry"  # our nonce was consumed without settling; the authorization can still be used
+
+
+MAX_SETTLEMENT_ATTEMPTS = 5
+
+
+def decide(pay: CheckedPayment, facts: Facts, head: int, settings: PipelineSettings) -> tuple[Outcome, str]:
+    """What one claimed payment's chain facts prove. Pure: every rule has a unit test."""
+    s = facts.settlement
+    if s is not None:
+        depth = head - s.block_number + 1
+        if pay.status == "sent":
+            if depth >= settings.mint_depth:
+                return Outcome.FINAL, f"settled by {s.tx_hash} in block {s.block_number}, {depth} blocks deep"
+            if depth >= settings.confirmation_depth:
+                return Outcome.COMPLETE, f"settled by {s.tx_hash} in block {s.block_number}"
+            return Outcome.WAIT, f"settled in block {s.block_number}, {depth} of {settings.confirmation_depth} blocks"
+        if pay.block_hash != s.block_hash:
+            return Outcome.STEP_BACK, (f"reorg: settlement now in block {s.block_number} ({s.block_hash}), "
+                                       f"not in {pay.block_hash}")
+        if depth >= settings.mint_depth:
+            return Outcome.RELEASE, f"settlement {depth} blocks deep"
+        return Outcome.WAIT, f"settlement {depth} of {settings.mint_depth} blocks deep before mints"
+    if pay.status == "completed":
+        return Outcome.STEP_BACK, "reorg: the settlement is no longer on chain"
+    if facts.used_now:
+        if facts.cancelled:
+            return Outcome.FAIL, "the payer cancelled the authorization on chain (AuthorizationCanceled)"
+        return Outcome.WAIT, "authorization used, its event not found yet"
+    if facts.expired_final:
+        return Outcome.FAIL, (f"authorization expired unused (validBefore {pay.valid_before}) at a block "
+                              f"{settings.finality_depth} deep; it can never transfer funds")
+    if pay.nonce_final and not facts.expired_now:
+        if pay.attempts >= MAX_SETTLEMENT_ATTEMPTS:
+            return Outcome.WAIT, f"nonce consumed without settling, {pay.attempts} attempts: waiting for expiry"
+        return Outcome.RETRY, "our transaction's nonce was consumed without settling; settling again"
+    return Outcome.WAIT, "not settled yet"
+
+
+def _topic_address(address: str) -> str:
+    return "0x" + "0" * 24 + address.lower().removeprefix("0x")
+
+
+def read_facts(p: Pipeline, payments: list[CheckedPayment], settings: PipelineSettings) -> tuple[int, dict[str, Facts]]:
+    """Head, authorization states and the authorization events of these payments, in two RPC batches."""
+    if not payments:
+        return 0, {}
+    by_token: dict[str, list[CheckedPayment]] = {}
+    for pay in payments:
+        by_token.setdefault(pay.token, []).append(pay)
+    calls: list[tuple[str, Any]] = [("eth_getBlockByNumber", ["latest", False])]
+    calls += [("eth_call", [{"to": pay.token, "data": "0x" + authorization_state_data(pay.payer, pay.auth_nonce).hex()},
+                            "latest"]) for pay in payments]
+    starts = {t: min(max((q.sent_block or 0) - LOG_LOOKBACK_BLOCKS, 0) for q in group) for t, group in by_token.items()}
+    calls += [("eth_getLogs", [{"address": token, "fromBlock": hex(starts[token]), "toBlock": "latest",
+                                "topics": [[AUTHORIZATION_USED_TOPIC, AUTHORIZATION_CANCELED_TOPIC],
+                                           sorted({_topic_address(q.payer) for q in group}),
+                                           sorted({q.auth_nonce for q in group})]}])
+              for token, group in by_token.items()]
+    answers = rpc_batch(p.w3, calls)
+    bad = next((a for a in answers if not a.ok), None)
+    if bad is not None or not answers[0].result:
+        raise RpcError(f"settlement lookup failed: {bad.message if bad else 'no head block'}")
+    head_block = answers[0].result
+    head, head_time = to_int(head_block["number"]), to_int(head_block["timestamp"])
+    used_now = {pay.id: to_int(a.result or "0x0") != 0 for pay, a in zip(payments, answers[1:], strict=False)}
+    events: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for token, a in zip(by_token, answers[1 + len(payments):], strict=True):
+        for ev in a.result or []:
+            if ev.get("removed"):
+                continue
+            topics = [str(t).lower() for t in ev["topics"]]
+            events[(topics[0], token, "0x" + topics[1][-40:], topics[2])] = ev
+    # Expiry proof, only for payments that are unused and past validBefore at the head.
+    final_block = max(head - settings.finality_depth + 1, 0)
+    late = [pay for pay in payments if not used_now[pay.id] and head_time >= pay.valid_before]
+    expired_final: set[str] = set()
+    if late:
+        more = rpc_batch(p.w3, [("eth_getBlockByNumber", [hex(final_block), False])] + [
+            ("eth_call", [{"to": q.token, "data": "0x" + authorization_state_data(q.payer, q.auth_nonce).hex()},
+                          hex(final_block)]) for q in late])
+        bad = next((a for a in more if not a.ok), None)
+        if bad is not None or not more[0].result:
+            raise RpcError(f"finality lookup failed: {bad.message if bad else 'no block'}")
+        final_time = to_int(more[0].result["timestamp"])
+        expired_final = {q.id for q, a in zip(late, more[1:], strict=True)
+                         if final_time >= q.valid_before and to_int(a.result or "0x0") == 0}
+    facts: dict[str, Facts] = {}
+    for pay in payments:
+        key = (pay.token, pay.payer.lower(), pay.auth_nonce.lower())
+        used = events.get((AUTHORIZATION_USED_TOPIC, *key))
+        settlement = None if used is None else Settlement(
+            str(used["transactionHash"]).lower(), to_int(used["blockNumber"]), str(used["blockHash"]).lower())
+        facts[pay.id] = Facts(used_now=used_now[pay.id], settlement=settlement,
+                              cancelled=(AUTHORIZATION_CANCELED_TOPIC, *key) in events,
+                              expired_final=pay.id in expired_final, expired_now=head_time >= pay.valid_before)
+    return head, facts
 
 
 @dataclass
 class ConfirmReport:
     checked: int = 0
     completed: int = 0
+    released: int = 0
+    reorged: int = 0
+    requeued: int = 0
     confirmation_failed: int = 0
+    waiting: int = 0
     rebroadcast: int = 0
     replaced: int = 0
-    waiting: int = 0
+    cancelled: int = 0
+    filled: int = 0
+    capped: int = 0
+    unkeyed: int = 0
 
 
-def load_sent_payments(p: Pipeline, limit: int, ids: list[str] | None = None) -> list[SentPayment]:
-    with p.engine.connect() as conn:
-        rows = fetch_all(conn, "load_sent_payments", chain_id=p.chain_id, limit=limit, now=None, ids=ids)
-    return [SentPayment.from_row(r) for r in rows if r["hashes"]]
+def claim_confirmations(p: Pipeline, owner: str, limit: int, lease_seconds: int,
+                        ids: list[str] | None = None) -> list[CheckedPayment]:
+    with transaction(p.engine, owner) as conn:
+        rows = fetch_all(conn, "claim_confirmations", chain_id=p.chain_id, owner=owner, limit=limit,
+                         lease_seconds=lease_seconds, ids=ids)
+    return [CheckedPayment.from_row(r) for r in rows]
 
 
-def fetch_receipts(p: Pipeline, payments: list[SentPayment]) -> tuple[int, dict[str, Receipt]]:
-    hashes = [h for pay in payments for h in pay.hashes]
-    answers = rpc_batch(p.w3, [("eth_blockNumber", [])] + [("eth_getTransactionReceipt", [h]) for h in hashes])
-    if not answers[0].ok:
-        raise RpcError(f"eth_blockNumber failed: {answers[0].message}")
-    receipts: dict[str, Receipt] = {}
-    for h, a in zip(hashes, answers[1:], strict=True):
-        if not a.ok:
-            raise RpcError(f"receipt lookup failed for {h}: {a.message}")
-        if a.result:
-            receipts[h] = Receipt.from_rpc(a.result)
-    return to_int(answers[0].result), receipts
+def end_claims(p: Pipeline, owner: str, ids: list[str]) -> None:
+    if ids:
+        with transaction(p.engine, owner) as conn:
+            conn.execute(query("end_confirmation_claims"), {"ids": ids, "owner": owner})
 
 
-def complete_payments(p: Pipeline, actor: str, done: list[tuple[str, Receipt]]) -> list[str]:
-    """(payment id, successful receipt) -> completed, mint rows released in the same statement."""
-    if not done:
+def apply_outcomes(p: Pipeline, owner: str, decided: list[tuple[CheckedPayment, Outcome, str, Facts]],
+                   report: ConfirmReport) -> dict[str, str]:
+    """Write every decided outcome in one transaction (each statement guarded by status and claim)."""
+    complete = [(pay, f.settlement) for pay, o, _, f in decided
+                if o in (Outcome.COMPLETE, Outcome.FINAL) and f.settlement]
+    release = [(pay, f.settlement) for pay, o, _, f in decided
+               if o in (Outcome.RELEASE, Outcome.FINAL) and f.settlement]
+    back = [(pay.id, why) for pay, o, why, _ in decided if o is Outcome.STEP_BACK]
+    fail = [(pay.id, why) for pay, o, why, _ in decided if o is Outcome.FAIL]
+    retry = [(pay.id, why) for pay, o, why, _ in decided if o is Outcome.RETRY]
+    moved: dict[str, str] = {}
+    with transaction(p.engine, owner) as conn:
+        if complete:
+            for r in fetch_all(conn, "complete_payments", owner=owner, ids=[c[0].id for c in complete],
+                               blocks=[c[1].block_number for c in complete if c[1]],
+                               block_hashes=[c[1].block_hash for c in complete if c[1]],
+                               hashes=[c[1].tx_hash for c in complete if c[1]]):
+                moved[r["id"]] = "completed"
+        if release:
+            for r in fetch_all(conn, "release_settled_mints", owner=owner, ids=[c[0].id for c in release],
+                               block_hashes=[c[1].block_hash for c in release if c[1]]):
+                moved[r["id"]] = "completed" if moved.get(r["id"]) == "completed" else "released"
+        if back:
+            for r in fetch_all(conn, "unsettle_payments", owner=owner, ids=[b[0] for b in back],
+                               errors=[b[1][:500] for b in back]):
+                moved[r["id"]] = "sent"
+        if fail:
+            for r in fetch_all(conn, "fail_confirmation", owner=owner, ids=[f[0] for f in fail],
+                               errors=[f[1][:500] for f in fail], blocks=[None for _ in fail]):
+                moved[r["id"]] = "confirmation_failed"
+        if retry:
+            for r in fetch_all(conn, "requeue_settlements", owner=owner, ids=[x[0] for x in retry],
+                               errors=[x[1][:500] for x in retry]):
+                moved[r["id"]] = "pending"
+    report.completed += sum(1 for v in moved.values() if v == "completed")
+    report.requeued += sum(1 for v in moved.values() if v == "pending")
+    report.released += sum(1 for v in moved.values() if v == "released")
+    report.reorged += sum(1 for v in moved.values() if v == "sent")
+    report.confirmation_failed += sum(1 for v in moved.values() if v == "confirmation_failed")
+    return moved
+
+
+def confirm_payments_once(p: Pipeline, owner: str, settings: PipelineSettings, report: ConfirmReport,
+                          ids: list[str] | None = None, *, apply: bool = True
+                          ) -> list[tuple[CheckedPayment, Outcome, str]]:
+    """Claim a batch (or these payments), read its facts from the chain, apply what they prove (unless
+    `apply` is False: a dry run), end the claims. Payments claimed by another run are skipped."""
+    claimed = claim_confirmations(p, owner, settings.confirmation_batch_size if ids is None else len(ids),
+                                  settings.processing_lease_seconds, ids)
+    if not claimed:
         return []
-    with transaction(p.engine, actor) as conn:
-        rows = fetch_all(conn, "complete_payments", ids=[pid for pid, _ in done],
-                         blocks=[r.block_number for _, r in done], hashes=[r.tx_hash for _, r in done])
-    return [r["id"] for r in rows]
+    try:
+        report.checked += len(claimed)
+        head, facts = read_facts(p, claimed, settings)
+        decided: list[tuple[CheckedPayment, Outcome, str, Facts]] = []
+        for pay in claimed:
+            outcome, why = decide(pay, facts[pay.id], head, settings)
+            decided.append((pay, outcome, why, facts[pay.id]))
+        moved = apply_outcomes(p, owner, decided, report) if apply else {}
+        report.waiting += sum(1 for _, o, _, _ in decided if o is Outcome.WAIT)
+        log = run_logger()
+        for pay, _, why, _ in decided:
+            if moved.get(pay.id) == "confirmation_failed":
+                log.warning("Payment confirmation failed: %s (%s)", pay.id, why)
+            elif moved.get(pay.id) == "sent":
+                log.warning("Payment %s is back in sent: %s", pay.id, why)
+        return [(pay, outcome, why) for pay, outcome, why, _ in decided]
+    finally:
+        end_claims(p, owner, [pay.id for pay in claimed])
 
 
-def fail_confirmations(p: Pipeline, actor: str, failed: list[tuple[str, str, int | None]]) -> list[str]:
-    """(payment id, reason, block or None) -> confirmation_failed, mint rows cancelled."""
-    if not failed:
-        return []
-    with transaction(p.engine, actor) as conn:
-        rows = fetch_all(conn, "fail_confirmation", ids=[f[0] for f in failed], errors=[f[1] for f in failed],
-                         blocks=[f[2] for f in failed])
-    return [r["id"] for r in rows]
-
-
-@dataclass(frozen=True)
-class ChainView:
-    """What reconciliation learns about a stuck payment, read in one batch."""
-
-    mined_nonce_count: int  # eth_getTransactionCount(signer, latest)
-    authorization_used: bool
-    head_timestamp: int
-    receipts: dict[str, Receipt]
-
-
-def read_chain_view(p: Pipeline, payment: SentPayment) -> ChainView:
-    # The nonce count is read BEFORE the receipts, so a tx mined in between shows up as a receipt.
-    calls: list[tuple[str, Any]] = [
-        ("eth_getTransactionCount", [payment.signer, "latest"]),
-        ("eth_call", [{"to": payment.token, "data": "0x" + authorization_state_data(payment.payer,
-                                                                                      payment.auth_nonce).hex()},
-                      "latest"]),
-        ("eth_getBlockByNumber", ["latest", False]),
-    ] + [("eth_getTransactionReceipt", [h]) for h in payment.hashes]
-    answers = rpc_batch(p.w3, calls)
-    bad = next((a for a in answers if not a.ok), None)
-    if bad is not None:
-        raise RpcError(f"reconciliation lookup failed: {bad.message}")
-    receipts = {h: Receipt.from_rpc(a.result) for h, a in zip(payment.hashes, answers[3:], strict=True) if a.result}
-    return ChainView(
-        mined_nonce_count=to_int(answers[0].result),
-        authorization_used=to_int(answers[1].result or "0x0") != 0,
-        head_timestamp=to_int(answers[2].result["timestamp"]),
-        receipts=receipts,
-    )
-
-
-def unlandable_reason(payment: SentPayment, view: ChainView) -> str | None:
-    """Why the payment provably can no longer land, or None if it still could."""
-    if view.receipts:
-        return None  # mined after all: the next tick applies it
-    if view.mined_nonce_count > payment.tx_nonce:
-        return (f"nonce {payment.tx_nonce} of {payment.signer} was consumed by another transaction; "
-                f"none of {len(payment.hashes)} settlement hash(es) can be mined")
-    if not view.authorization_used and view.head_timestamp >= payment.valid_before:
-        return (f"authorization expired at {payment.valid_before} before any settlement was mined "
-                f"(chain time {view.head_timestamp}); it can no longer transfer funds")
-    return None
-
-
-class StuckVerdict(StrEnum):
-    UNLANDABLE = "unlandable"  # proven: mark confirmation_failed
-    BUMP = "bump"  # could still land, no receipt: replace with higher fees
-    WAIT = "wait"  # mined meanwhile, or replaced too recently
-
-
-def judge_stuck(p: Pipeline, actor: str, payment: SentPayment, settings: PipelineSettings,
-                *, rebroadcast: bool = True) -> tuple[StuckVerdict, str]:
-    """A sent payment past the timeout: send its stored bytes again, then read the chain for proof."""
-    if rebroadcast:
-        broadcast_stored(p, actor, list(payment.hashes))
-    view = read_chain_view(p, payment)
-    reason = unlandable_reason(payment, view)
-    if reason is not None:
-        return StuckVerdict.UNLANDABLE, reason
-    if view.receipts:
-        return StuckVerdict.WAIT, "mined meanwhile; the confirmation loop applies it"
-    if payment.latest_age_seconds < settings.rebroadcast_after_seconds:
-        return StuckVerdict.WAIT, "replaced recently; waiting before the next fee bump"
-    return StuckVerdict.BUMP, "no receipt and it can still land: replace with higher fees"
-
-
-def replace_with_higher_fees(p: Pipeline, actor: str, payment: SentPayment, settings: PipelineSettings) -> str | None:
-    """Fee bump: the same call at the same nonce with both fees raised; stored before broadcast."""
-    signer = p.signer(payment.signer)
-    head = rpc_batch(p.w3, [("eth_getBlockByNumber", ["latest", False]), ("eth_maxPriorityFeePerGas", [])])
-    floor = None
-    if head[0].ok:
-        base = to_int(head[0].result.get("baseFeePerGas", "0x0"))
-        tip = to_int(head[1].result) if head[1].ok else 10**9
-        floor = Fees(2 * base + tip, tip)
-    fees = payment.fees.bumped(settings.fee_bump_percent, floor)
-    data = transfer_with_authorization_data(payment.payer, payment.pay_to, payment.amount, payment.valid_after,
-                                            payment.valid_before, payment.auth_nonce, payment.signature)
-    tx = sign_tx(signer.account.key, chain_id=p.chain_id, nonce=payment.tx_nonce, to=payment.token, data=data,
-                 gas=payment.gas_limit, fees=fees)
-    with transaction(p.engine, actor) as conn:
-        stored = conn.execute(query("insert_replacement"), {
-            "chain_id": p.chain_id, "signer": signer.address, "nonce": tx.nonce, "tx_hash": tx.tx_hash,
-            "payment_id": payment.id, "kind": str(TxKind.REPLACEMENT), "raw_tx": tx.raw,
-            "max_fee": fees.max_fee_per_gas, "max_tip": fees.max_priority_fee_per_gas, "gas_limit": tx.gas_limit,
-        }).all()
-    if not stored:
-        return None  # the payment left `sent` meanwhile
-    broadcast_stored(p, actor, [tx.tx_hash])
-    return tx.tx_hash
+def add_tend(report: ConfirmReport, tend: TendReport) -> None:
+    report.rebroadcast += tend.rebroadcast
+    report.replaced += tend.bumped
+    report.cancelled += tend.cancelled
+    report.filled += tend.filled
+    report.capped += tend.capped
+    report.unkeyed += tend.unkeyed
 
 
 def confirm_tick(p: Pipeline, actor: str, settings: PipelineSettings) -> ConfirmReport:
+    """Payments first (outcomes from the chain), then the nonce health of every wallet."""
     report = ConfirmReport()
-    payments = load_sent_payments(p, settings.confirmation_batch_size)
-    report.checked = len(payments)
-    if not payments:
-        return report
+    confirm_payments_once(p, actor, settings, report)
+    add_tend(report, p.txm().tend_all(settings, actor))
     log = run_logger()
-    log.info("Checking %d pending confirmations...", len(payments))
-    head, receipts = fetch_receipts(p, payments)
-    done: list[tuple[str, Receipt]] = []
-    failed: list[tuple[str, str, int | None]] = []
-    rebroadcast: list[str] = []
-    stuck: list[SentPayment] = []
-    for pay in payments:
-        verdict, receipt = judge(pay, receipts, head, settings)
-        if verdict is Verdict.COMPLETE and receipt is not None:
-            done.append((pay.id, receipt))
-        elif verdict is Verdict.REVERTED and receipt is not None:
-            failed.append((pay.id, f"transaction reverted: {receipt.tx_hash} in block {receipt.block_number}",
-                           receipt.block_number))
-        elif verdict is Verdict.REBROADCAST:
-            rebroadcast.extend(pay.hashes)
-        elif verdict is Verdict.RECONCILE:
-            stuck.append(pay)
-        else:
-            report.waiting += 1
-    completed = complete_payments(p, actor, done)
-    report.completed = len(completed)
-    if rebroadcast:
-        results = broadcast_stored(p, actor, rebroadcast)
-        report.rebroadcast = sum(1 for a in results.values() if broadcast_accepted(a))
-    for pay in stuck:
-        stuck_verdict, why = judge_stuck(p, actor, pay, settings)
-        if stuck_verdict is StuckVerdict.UNLANDABLE:
-            failed.append((pay.id, why, None))
-        elif stuck_verdict is StuckVerdict.BUMP and replace_with_higher_fees(p, actor, pay, settings):
-            report.replaced += 1
-        else:
-            report.waiting += 1
-    marked = fail_confirmations(p, actor, failed)
-    report.confirmation_failed = len(marked)
-    reasons = dict((f[0], f[1]) for f in failed)
-    for pid in marked:
-        log.warning("Payment confirmation failed: %s (%s)", pid, reasons[pid])
+    if report.checked:
+        log.info("Checked %d pending confirmations", report.checked)
     if report.completed:
         log.info("   ✅ %d confirmed", report.completed)
     return report

@@ -1,9 +1,15 @@
-"""The mint stage: what completed payments bought is minted by the minter wallet.
+"""The mint stage: what completed payments bought is minted by the minter wallet, exactly once.
 
-Released mint rows are claimed with a lease, simulated (eth_estimateGas), given nonces under the
-minter's nonce row lock, signed and stored before they are broadcast - the same order as settlements,
-so a crash leaves either nothing or stored bytes, which the next tick sends again. Receipts move rows to
-`minted` (or `failed` on revert). Only rows released by a completed payment are ever minted, once."""
+Released mint rows (released only when their payment's settlement is mint_confirmation_depth deep) are
+claimed with a lease, simulated, given nonces by the transaction manager, signed and stored before they
+are broadcast. When the mint token has `mintOnce(to, value, mintId)` (the project's token does), each row
+mints under its own id (`payments.chain.mint_id_for`) and the token refuses the id a second time: no
+retry, replacement or re-sent transaction can mint twice. A mint counts as done when the chain shows
+its id used (`MintIdUsed`) at confirmation_depth - whichever of our attempts did it. It fails only when
+its nonce was consumed at depth without minting (the transaction manager records each nonce's
+outcome); `retry-failed-mints` is refused while any attempt could still be mined.
+
+Tokens without `mintOnce` get the plain `mint(to, value)`, judged from our attempts' receipts."""
 
 from __future__ import annotations
 
@@ -15,21 +21,48 @@ from eth_utils.crypto import keccak
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from payments.chain import fees_from, is_execution_reverted, revert_reason, rpc_batch, sign_tx, to_int
+from payments.chain import (
+    fees_from,
+    is_execution_reverted,
+    mint_id_for,
+    mint_once_calldata,
+    revert_reason,
+    rpc_batch,
+    sign_tx,
+    supports_mint_once,
+    to_int,
+)
 from payments.config import Signer
 from payments.db import fetch_all, query, transaction
 from payments.errors import RpcError
 from payments.settings import PipelineSettings
 from payments.statuses import TxKind
+from payments.txm import TxManager, first_fees, persist_attempts
 from tasks.common import Pipeline, retry_on_rpc_error, run_logger
-from tasks.confirm import Receipt
-from tasks.send import broadcast_stored, persist_transactions
+
+MINT_ID_USED_TOPIC = "0x" + keccak(text="MintIdUsed(bytes32,address,uint256)").hex()
+ALREADY_USED = "mint id already used"
+_SUPPORT: dict[tuple[int, str], bool] = {}
 
 MINT_SELECTOR = keccak(text="mint(address,uint256)")[:4]
 
 
 def mint_calldata(recipient: str, amount: int) -> bytes:
     return MINT_SELECTOR + abi_encode(["address", "uint256"], [recipient, amount])
+
+
+def mint_key(p: Pipeline, token: str, row_id: int) -> str | None:
+    """The row's on-chain mint id when the token enforces ids (checked once per token and process)."""
+    known = _SUPPORT.get((p.chain_id, token))
+    if known is None:
+        known = _SUPPORT[(p.chain_id, token)] = supports_mint_once(p.w3, token)
+    return "0x" + mint_id_for(p.chain_id, token, row_id).hex() if known else None
+
+
+def call_for(row: dict[str, Any], key: str | None) -> bytes:
+    if key is not None:
+        return mint_once_calldata(row["recipient"], int(row["amount"]), bytes.fromhex(key[2:]))
+    return mint_calldata(row["recipient"], int(row["amount"]))
 
 
 @dataclass
@@ -39,6 +72,7 @@ class MintReport:
     sent: int = 0
     minted: int = 0
     rebroadcast: int = 0
+    replaced: int = 0
 
 
 def send_mints(p: Pipeline, minter: Signer, owner: str, settings: PipelineSettings, report: MintReport) -> None:
@@ -51,16 +85,20 @@ def send_mints(p: Pipeline, minter: Signer, owner: str, settings: PipelineSettin
     if not rows:
         return
     rows.sort(key=lambda r: r["id"])
+    keys = {r["id"]: mint_key(p, r["mint_token"], r["id"]) for r in rows}
+    with transaction(p.engine, owner) as conn:  # the id is known before anything can mint under it
+        conn.execute(query("note_mint_keys"), {"ids": [i for i, k in keys.items() if k],
+                                               "keys": [k for k in keys.values() if k]})
     calls: list[tuple[str, Any]] = [("eth_getBlockByNumber", ["latest", False]), ("eth_maxPriorityFeePerGas", []),
                                     ("eth_getTransactionCount", [minter.address, "pending"])]
     calls += [("eth_estimateGas", [{"from": minter.address, "to": r["mint_token"],
-                                    "data": "0x" + mint_calldata(r["recipient"], int(r["amount"])).hex()}, "pending"])
-              for r in rows]
+                                    "data": "0x" + call_for(r, keys[r["id"]]).hex()}, "pending"]) for r in rows]
     answers = rpc_batch(p.w3, calls)
     if not (answers[0].ok and answers[2].ok):
         raise RpcError("fee/nonce lookup failed")  # the lease brings the rows back
-    fees = fees_from(to_int(answers[0].result.get("baseFeePerGas", "0x0")),
-                     to_int(answers[1].result) if answers[1].ok else 10**9)
+    head = to_int(answers[0].result["number"])
+    fees = first_fees(fees_from(to_int(answers[0].result.get("baseFeePerGas", "0x0")),
+                                to_int(answers[1].result) if answers[1].ok else 10**9), settings.max_fee_per_gas_cap)
     gas: dict[int, int] = {}
     rejected: dict[int, str] = {}
     for r, a in zip(rows, answers[3:], strict=True):
@@ -71,7 +109,10 @@ def send_mints(p: Pipeline, minter: Signer, owner: str, settings: PipelineSettin
             else:
                 rejected[r["id"]] = f"mint gas estimate {limit} above mint_gas_limit {gas_cap}"
         elif a.error and is_execution_reverted(a.error):
-            rejected[r["id"]] = f"mint simulation reverted: {revert_reason(a.error)}"
+            reason = revert_reason(a.error)
+            if ALREADY_USED in reason and keys[r["id"]]:
+                continue  # minted already (an earlier attempt): confirm_mints finds its event
+            rejected[r["id"]] = f"mint simulation reverted: {reason}"
     if rejected:
         with transaction(p.engine, owner) as conn:
             report.failed += len(fetch_all(conn, "fail_mints", ids=list(rejected), errors=list(rejected.values())))
@@ -80,71 +121,108 @@ def send_mints(p: Pipeline, minter: Signer, owner: str, settings: PipelineSettin
     by_id = {r["id"]: r for r in rows if r["id"] in gas}
     if not by_id:
         return
+    txm = TxManager(p.engine, p.w3, p.chain_id, [minter])
     with transaction(p.engine, owner) as conn:
         owned = [r["id"] for r in fetch_all(conn, "lock_owned_unsigned_mints", ids=list(by_id), owner=owner)]
         if not owned:
             return
-        first = int(conn.execute(query("lock_signer_nonce"), {
-            "chain_id": p.chain_id, "signer": minter.address, "chain_nonce": to_int(answers[2].result)}).scalar_one())
+        first = txm.take_nonces(conn, minter.address, to_int(answers[2].result), len(owned))
         signed = [sign_tx(minter.account.key, chain_id=p.chain_id, nonce=first + i, to=by_id[mid]["mint_token"],
-                          data=mint_calldata(by_id[mid]["recipient"], int(by_id[mid]["amount"])), gas=gas[mid],
-                          fees=fees) for i, mid in enumerate(owned)]
-        persist_transactions(conn, p.chain_id, minter.address, [(None, TxKind.MINT, tx) for tx in signed],
-                             mint_ids=owned)
+                          data=call_for(by_id[mid], keys[mid]), gas=gas[mid], fees=fees)
+                  for i, mid in enumerate(owned)]
+        persist_attempts(conn, p.chain_id, minter.address, signed, [TxKind.MINT for _ in signed],
+                         [None for _ in signed], list(owned), head)
         attached = fetch_all(conn, "attach_mint_transactions", ids=owned, nonces=[t.nonce for t in signed],
                              hashes=[t.tx_hash for t in signed], owner=owner)
         if len(attached) != len(owned):
             raise RuntimeError(f"attached {len(attached)} of {len(owned)} signed mints")
-        conn.execute(query("advance_signer_nonce"), {"chain_id": p.chain_id, "signer": minter.address,
-                                                     "expected": first, "next_nonce": first + len(signed)})
-    broadcast_stored(p, owner, [t.tx_hash for t in signed])
+    txm.broadcast(owner, [t.tx_hash for t in signed])
     report.sent += len(signed)
 
 
+@dataclass(frozen=True)
+class MintFound:
+    tx_hash: str
+    block_number: int
+    block_hash: str
+
+
+def find_mints(p: Pipeline, rows: list[dict[str, Any]]) -> tuple[int, dict[int, MintFound]]:
+    """Where the chain has each row minted now: its MintIdUsed event (keyed rows), or a successful receipt
+    of one of our attempts (rows of tokens without mintOnce)."""
+    keyed = [r for r in rows if r["mint_key"]]
+    plain_hashes = [h for r in rows if not r["mint_key"] for h in r["hashes"]]
+    calls: list[tuple[str, Any]] = [("eth_blockNumber", [])]
+    tokens = sorted({r["mint_token"] for r in keyed})
+    for token in tokens:
+        group = [r for r in keyed if r["mint_token"] == token]
+        start = min((int(r["first_block"]) - 16 if r["first_block"] is not None else 0) for r in group)
+        calls.append(("eth_getLogs", [{"address": token, "fromBlock": hex(max(start, 0)), "toBlock": "latest",
+                                       "topics": [MINT_ID_USED_TOPIC, sorted({r["mint_key"] for r in group})]}]))
+    calls += [("eth_getTransactionReceipt", [h]) for h in plain_hashes]
+    answers = rpc_batch(p.w3, calls)
+    bad = next((a for a in answers if not a.ok), None)
+    if bad is not None:
+        raise RpcError(f"mint lookup failed: {bad.message}")
+    head = to_int(answers[0].result)
+    by_key: dict[tuple[str, str], MintFound] = {}
+    for token, a in zip(tokens, answers[1:1 + len(tokens)], strict=True):
+        for ev in a.result or []:
+            if not ev.get("removed"):
+                by_key[(token, str(ev["topics"][1]).lower())] = MintFound(
+                    str(ev["transactionHash"]).lower(), to_int(ev["blockNumber"]), str(ev["blockHash"]).lower())
+    receipts = {h: a.result for h, a in zip(plain_hashes, answers[1 + len(tokens):], strict=True) if a.result}
+    found: dict[int, MintFound] = {}
+    for r in rows:
+        if r["mint_key"]:
+            hit = by_key.get((r["mint_token"], r["mint_key"]))
+        else:
+            ok = next((receipts[h] for h in r["hashes"] if h in receipts and to_int(receipts[h]["status"]) == 1), None)
+            hit = None if ok is None else MintFound(str(ok["transactionHash"]).lower(), to_int(ok["blockNumber"]),
+                                                    str(ok["blockHash"]).lower())
+        if hit is not None:
+            found[int(r["id"])] = hit
+    return head, found
+
+
 def confirm_mints(p: Pipeline, actor: str, settings: PipelineSettings, limit: int, report: MintReport) -> None:
-    with p.engine.connect() as conn:
-        rows = fetch_all(conn, "load_minting", limit=limit)
+    with transaction(p.engine, actor) as conn:
+        rows = fetch_all(conn, "load_minting", chain_id=p.chain_id, limit=limit)
     if not rows:
         return
-    hashes = [h for r in rows for h in r["hashes"]]
-    answers = rpc_batch(p.w3, [("eth_blockNumber", [])] + [("eth_getTransactionReceipt", [h]) for h in hashes])
-    if not all(a.ok for a in answers):
-        raise RpcError("mint receipt lookup failed")
-    head = to_int(answers[0].result)
-    receipts = {h: Receipt.from_rpc(a.result) for h, a in zip(hashes, answers[1:], strict=True) if a.result}
-    done: list[tuple[int, Receipt]] = []
-    reverted: dict[int, str] = {}
-    resend: list[str] = []
+    head, found = find_mints(p, rows)
+    done = [(int(r["id"]), found[int(r["id"])]) for r in rows if int(r["id"]) in found
+            and head - found[int(r["id"])].block_number + 1 >= settings.confirmation_depth]
+    failed: dict[int, str] = {}
     for r in rows:
-        mined = [receipts[h] for h in r["hashes"] if h in receipts]
-        rec = next((x for x in mined if x.status == 1), mined[0] if mined else None)
-        if rec is not None:
-            if head - rec.block_number + 1 >= settings.confirmation_depth:
-                if rec.status == 1:
-                    done.append((r["id"], rec))
-                else:
-                    reverted[r["id"]] = f"mint transaction reverted: {rec.tx_hash} in block {rec.block_number}"
-        elif r["last_broadcast_age_seconds"] is None or r["last_broadcast_age_seconds"] >= \
-                settings.rebroadcast_after_seconds:
-            resend += r["hashes"]
+        if int(r["id"]) in found or not r["nonce_final"] or r["tx_nonce"] is None:
+            continue  # minted, or an attempt could still be mined: the transaction manager gets it mined
+        if r["mined_hash"] in r["hashes"]:
+            failed[int(r["id"])] = f"mint transaction {r['mined_hash']} reverted"
+        else:
+            failed[int(r["id"])] = (f"nonce {r['tx_nonce']} of the minter was consumed by "
+                                    f"{r['mined_hash'] or 'a transaction this service did not sign'}; nothing minted")
     with transaction(p.engine, actor) as conn:
         if done:
             report.minted += len(fetch_all(conn, "finish_mints", ids=[d[0] for d in done],
                                            blocks=[d[1].block_number for d in done],
-                                           hashes=[d[1].tx_hash for d in done]))
-        if reverted:
-            report.failed += len(fetch_all(conn, "fail_mints", ids=list(reverted), errors=list(reverted.values())))
-    for mid, why in reverted.items():
+                                           hashes=[d[1].tx_hash for d in done],
+                                           block_hashes=[d[1].block_hash for d in done]))
+        if failed:
+            report.failed += len(fetch_all(conn, "fail_mints", ids=list(failed), errors=list(failed.values())))
+    for mid, why in failed.items():
         run_logger().error("Mint failed: %s (%s)", mid, why)
-    if resend:
-        report.rebroadcast += len(broadcast_stored(p, actor, resend))
 
 
 def mint_tick(p: Pipeline, minter: Signer, owner: str, settings: PipelineSettings) -> MintReport:
-    """Send what is released, then apply receipts of what was sent (and re-send what the node lost)."""
+    """Send what is released, apply what the chain shows minted, and tend the minter's nonces (re-send,
+    re-price, fill)."""
     report = MintReport()
     send_mints(p, minter, owner, settings, report)
     confirm_mints(p, owner, settings, max(settings.mint_batch_size, settings.confirmation_batch_size), report)
+    tend = TxManager(p.engine, p.w3, p.chain_id, [minter]).tend_all(settings, owner, [minter.address])
+    report.rebroadcast += tend.rebroadcast
+    report.replaced += tend.bumped + tend.cancelled + tend.filled
     return report
 
 

@@ -7,30 +7,20 @@ A payment is never moved to a failure status while one of its transactions could
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, replace
 from typing import Any
 
-from eth_utils.crypto import keccak
-
-from payments.chain import Fees, authorization_state_data, fees_from, rpc_batch, sign_tx, to_int
+from payments.chain import authorization_state_data, mint_id_used_calldata, rpc_batch, to_int
 from payments.db import fetch_all, query, transaction
 from payments.errors import RpcError
 from payments.settings import PipelineSettings
-from payments.statuses import TxKind
+from payments.txm import NonceAction, TendReport
 from tasks.common import Pipeline
-from tasks.confirm import (
-    Receipt,
-    StuckVerdict,
-    complete_payments,
-    fail_confirmations,
-    judge_stuck,
-    load_sent_payments,
-    replace_with_higher_fees,
-)
-from tasks.send import broadcast_and_mark_sent, broadcast_stored, persist_transactions
+from tasks.confirm import CheckedPayment, ConfirmReport, Outcome, confirm_payments_once, decide, read_facts
+from tasks.send import broadcast_and_mark_sent
 
 APPLIED, WOULD_APPLY, REFUSED, UNCHANGED = "applied", "would_apply", "refused", "unchanged"
-AUTHORIZATION_USED_TOPIC = "0x" + keccak(text="AuthorizationUsed(address,bytes32)").hex()
 MAX_GAP_FILL = 500
 MAX_BLOCK_RANGE = 5_000
 
@@ -76,31 +66,18 @@ def _hashes(p: Pipeline, ids: list[str]) -> dict[str, list[str]]:
         return {r["payment_id"]: list(r["hashes"]) for r in fetch_all(conn, "hashes_of_payments", ids=ids)}
 
 
-def _receipts(p: Pipeline, hashes: list[str]) -> tuple[int, dict[str, Receipt]]:
-    answers = rpc_batch(p.w3, [("eth_blockNumber", [])] + [("eth_getTransactionReceipt", [h]) for h in hashes])
-    bad = next((a for a in answers if not a.ok), None)
-    if bad is not None:
-        raise RpcError(f"receipt lookup failed: {bad.message}")
-    found = {h: Receipt.from_rpc(a.result) for h, a in zip(hashes, answers[1:], strict=True) if a.result}
-    return to_int(answers[0].result), found
+def _check(p: Pipeline, actor: str, settings: PipelineSettings, ids: list[str], *,
+           dry_run: bool) -> list[tuple[CheckedPayment, Outcome, str]]:
+    """The confirm stage's own decision for these payments (claimed, so no confirm run acts on them at the
+    same moment); applied unless dry_run."""
+    return confirm_payments_once(p, actor, settings, ConfirmReport(), ids, apply=not dry_run) if ids else []
 
 
-def _authorization_used_log(p: Pipeline, row: dict[str, Any]) -> dict[str, Any] | None:
-    """The AuthorizationUsed event of this payment's authorization, if any transaction (ours or anyone's)
-    settled it. Only a successful transfer emits it; a cancellation emits AuthorizationCanceled."""
-    payer_topic = "0x" + "0" * 24 + row["payer"][2:]
-    answers = rpc_batch(p.w3, [("eth_getLogs", [{"address": row["token"], "fromBlock": "0x0", "toBlock": "latest",
-                                                  "topics": [AUTHORIZATION_USED_TOPIC, payer_topic,
-                                                             row["auth_nonce"]]}])])
-    if not answers[0].ok:
-        raise RpcError(f"eth_getLogs failed: {answers[0].message}")
-    logs = answers[0].result or []
-    return dict(logs[0]) if logs else None
-
-
-def _success(hashes: list[str], receipts: dict[str, Receipt], head: int, depth: int) -> Receipt | None:
-    return next((receipts[h] for h in hashes if h in receipts and receipts[h].status == 1
-                 and head - receipts[h].block_number + 1 >= depth), None)
+_OUTCOME_ACTION = {
+    Outcome.COMPLETE: "complete", Outcome.FINAL: "complete", Outcome.RELEASE: "release_mints",
+    Outcome.STEP_BACK: "back_to_sent", Outcome.FAIL: "confirmation_failed", Outcome.RETRY: "settle_again",
+    Outcome.WAIT: "none",
+}
 
 
 # --------------------------------------------------------------------------- reset_stuck_payments
@@ -136,24 +113,20 @@ def reset_stuck_payments(p: Pipeline, f: Filters, settings: PipelineSettings, *,
             sent, _ = broadcast_and_mark_sent(p, actor, resend)
         actions += [Action(pid, "rebroadcast_and_mark_sent", _done(dry_run) if pid in sent else UNCHANGED,
                            "signed bytes sent again") for pid, _ in resend]
-    sent_ids = [r["id"] for r in rows if r["status"] == "sent"]
-    failed: list[tuple[str, str, int | None]] = []
-    for pay in load_sent_payments(p, len(sent_ids), sent_ids) if sent_ids else []:
-        if pay.age_seconds < settings.confirmation_timeout_seconds:
-            actions.append(Action(pay.id, "none", UNCHANGED, f"in sent for {pay.age_seconds:.0f} s, below the "
-                                                             f"{settings.confirmation_timeout_seconds} s timeout"))
-            continue
-        verdict, why = judge_stuck(p, actor, pay, settings, rebroadcast=not dry_run)
-        if verdict is StuckVerdict.UNLANDABLE:
-            failed.append((pay.id, why, None))
-            actions.append(Action(pay.id, "confirmation_failed", _done(dry_run), why))
-        elif verdict is StuckVerdict.BUMP:
-            new_hash = None if dry_run else replace_with_higher_fees(p, actor, pay, settings)
-            actions.append(Action(pay.id, "fee_bump", _done(dry_run), new_hash or why))
-        else:
-            actions.append(Action(pay.id, "rebroadcast", _done(dry_run), why))
-    if failed and not dry_run:
-        fail_confirmations(p, actor, failed)
+    due = [r["id"] for r in rows if r["status"] == "sent" and float(r["age_seconds"] or 0)
+           >= settings.confirmation_timeout_seconds]
+    for r in rows:
+        if r["status"] == "sent" and r["id"] not in due:
+            age = float(r["age_seconds"] or 0)
+            actions.append(Action(r["id"], "none", UNCHANGED, f"in sent for {age:.0f} s, below the "
+                                                              f"{settings.confirmation_timeout_seconds} s timeout"))
+    for pay, outcome, why in _check(p, actor, settings, due, dry_run=dry_run):
+        done = UNCHANGED if outcome is Outcome.WAIT else _done(dry_run)
+        actions.append(Action(pay.id, _OUTCOME_ACTION[outcome], done, why))
+    if due and not dry_run:  # re-send, re-price or fill what is stuck on every wallet
+        tend = p.txm().tend_all(settings, actor)
+        actions.append(Action(None, "tend_nonces", APPLIED, f"{tend.rebroadcast} re-sent, {tend.bumped} re-priced, "
+                                                            f"{tend.cancelled + tend.filled} nonces filled"))
     return actions
 
 
@@ -162,36 +135,34 @@ def reset_stuck_payments(p: Pipeline, f: Filters, settings: PipelineSettings, *,
 
 def recheck_confirmation_failed(p: Pipeline, f: Filters, settings: PipelineSettings, *, dry_run: bool,
                                 actor: str) -> list[Action]:
-    """confirmation_failed payments that did land after all - through one of our hashes, or through a
-    transaction of someone else's that used the same authorization - become `completed`, and their
-    mint rows are released once."""
+    """confirmation_failed payments whose authorization the chain shows used after all (through one of our
+    transactions or anyone else's) become `completed`, once mint_confirmation_depth deep, and their mint
+    rows are released once."""
     rows = candidates(p, ["confirmation_failed"], f)
     if not rows:
         return []
-    hashes = _hashes(p, [r["id"] for r in rows])
-    head, receipts = _receipts(p, [h for hs in hashes.values() for h in hs])
+    pays = [CheckedPayment.from_row(r) for r in rows]
+    head, facts = read_facts(p, pays, settings)
     actions: list[Action] = []
-    landed: list[tuple[str, int, str, str]] = []
-    for r in rows:
-        ours = _success(hashes.get(r["id"], []), receipts, head, settings.confirmation_depth)
-        if ours is not None:
-            landed.append((r["id"], ours.block_number, ours.tx_hash, "recheck: settlement found on chain"))
-            continue
-        log = _authorization_used_log(p, r)
-        if log is not None and head - to_int(log["blockNumber"]) + 1 >= settings.confirmation_depth:
-            tx = str(log["transactionHash"]).lower()
-            landed.append((r["id"], to_int(log["blockNumber"]), tx,
-                           f"recheck: authorization settled by transaction {tx}, not one of ours"))
-            continue
-        actions.append(Action(r["id"], "none", UNCHANGED, "no successful settlement on chain"))
+    landed: list[tuple[str, int, str, str, str]] = []
+    for pay in pays:
+        s = facts[pay.id].settlement
+        if s is None:
+            actions.append(Action(pay.id, "none", UNCHANGED, "no settlement of its authorization on chain"))
+        elif head - s.block_number + 1 < settings.mint_depth:
+            actions.append(Action(pay.id, "none", UNCHANGED, f"settled in block {s.block_number}; waiting for "
+                                                             f"{settings.mint_depth} blocks"))
+        else:
+            landed.append((pay.id, s.block_number, s.block_hash, s.tx_hash,
+                           f"recheck: authorization settled by {s.tx_hash} in block {s.block_number}"))
     done = [x[0] for x in landed]
     if landed and not dry_run:
         with transaction(p.engine, actor) as conn:
             done = [x["id"] for x in fetch_all(conn, "recover_completed_payments", ids=[x[0] for x in landed],
-                                               blocks=[x[1] for x in landed], hashes=[x[2] for x in landed],
-                                               notes=[x[3] for x in landed])]
+                                               blocks=[x[1] for x in landed], block_hashes=[x[2] for x in landed],
+                                               hashes=[x[3] for x in landed], notes=[x[4] for x in landed])]
     actions += [Action(pid, "complete", _done(dry_run) if pid in done else UNCHANGED, note)
-                for pid, _, _, note in landed]
+                for pid, _, _, _, note in landed]
     return actions
 
 
@@ -240,27 +211,25 @@ def requeue_failed(p: Pipeline, f: Filters, *, dry_run: bool, actor: str) -> lis
 def rollback_to_failed(p: Pipeline, f: Filters, settings: PipelineSettings, *, reason: str, dry_run: bool,
                        actor: str) -> list[Action]:
     """The seed's rollback procedure (`sent` / `confirmation_failed` -> `failed` with a reason), refused
-    for every payment whose transaction landed or could still land."""
+    for every payment whose authorization is used on chain or could still be used (not yet expired at a
+    final block)."""
     rows = candidates(p, ["sent", "confirmation_failed"], f)
     if not rows:
         return []
-    hashes = _hashes(p, [r["id"] for r in rows])
-    head, receipts = _receipts(p, [h for hs in hashes.values() for h in hs])
-    sent = {pay.id: pay for pay in load_sent_payments(p, len(rows), [r["id"] for r in rows if r["status"] == "sent"])}
+    pays = [CheckedPayment.from_row(r) for r in rows]
+    _, facts = read_facts(p, pays, settings)
     actions: list[Action] = []
     allowed: list[str] = []
-    for r in rows:
-        mine = hashes.get(r["id"], [])
-        if _success(mine, receipts, head, 1) is not None or _authorization_used_log(p, r) is not None:
-            actions.append(Action(r["id"], "rollback", REFUSED, "the payment landed on chain; run "
+    for pay in pays:
+        fact = facts[pay.id]
+        if fact.used_now or fact.settlement is not None:
+            actions.append(Action(pay.id, "rollback", REFUSED, "the authorization is used on chain; run "
                                                                "recheck_confirmation_failed instead"))
-            continue
-        if r["status"] == "sent":
-            verdict, why = judge_stuck(p, actor, sent[r["id"]], settings, rebroadcast=False)
-            if verdict is not StuckVerdict.UNLANDABLE:
-                actions.append(Action(r["id"], "rollback", REFUSED, f"a transaction could still land: {why}"))
-                continue
-        allowed.append(r["id"])
+        elif pay.status == "sent" and not fact.expired_final:
+            actions.append(Action(pay.id, "rollback", REFUSED, "its authorization could still be settled (not "
+                                                               f"expired {settings.finality_depth} blocks deep)"))
+        else:
+            allowed.append(pay.id)
     moved = allowed
     if allowed and not dry_run:
         with transaction(p.engine, actor) as conn:
@@ -272,55 +241,46 @@ def rollback_to_failed(p: Pipeline, f: Filters, settings: PipelineSettings, *, r
 # --------------------------------------------------------------------------- resync_nonces
 
 
-def resync_nonces(p: Pipeline, *, dry_run: bool, actor: str) -> list[Action]:
-    """Per signer: the counter is raised to the chain's pending count if the chain is ahead; every nonce
-    between the chain's mined count and the counter gets its stored transactions re-broadcast, or - when
-    none is stored - a 0-value self-transfer, so later nonces are not stuck behind a gap."""
+def resync_nonces(p: Pipeline, settings: PipelineSettings, *, dry_run: bool, actor: str) -> list[Action]:
+    """Per wallet (every signer that ever sent, and the minter): the counter is raised to the chain's
+    pending count if the chain is ahead; then the transaction manager's nonce health runs at once, with
+    re-broadcasts due now: stored bytes re-sent, stale or underpriced attempts re-priced, nonces whose
+    intent can no longer land and gaps filled with 0-value self-transfers."""
     actions: list[Action] = []
-    for signer in p.signers:
-        answers = rpc_batch(p.w3, [("eth_getTransactionCount", [signer.address, "latest"]),
-                                   ("eth_getTransactionCount", [signer.address, "pending"]),
-                                   ("eth_getBlockByNumber", ["latest", False]), ("eth_maxPriorityFeePerGas", [])])
-        if not all(a.ok for a in answers[:3]):
+    txm = p.txm()
+    head = txm.read_head()
+    now = replace(settings, rebroadcast_after_seconds=0)
+    for wallet in txm.wallets():
+        answers = rpc_batch(p.w3, [("eth_getTransactionCount", [wallet, "latest"]),
+                                   ("eth_getTransactionCount", [wallet, "pending"])])
+        if not all(a.ok for a in answers):
             raise RpcError("nonce lookup failed")
         mined, pending = to_int(answers[0].result), to_int(answers[1].result)
         with p.engine.connect() as conn:
-            local = conn.execute(query("signer_counter"), {"chain_id": p.chain_id, "signer": signer.address}
+            local = conn.execute(query("signer_counter"), {"chain_id": p.chain_id, "signer": wallet}
                                  ).scalar_one_or_none()
         local = int(local) if local is not None else mined
-        tag = f"signer {signer.address}: mined {mined}, pending {pending}, counter {local}"
+        tag = f"wallet {wallet}: mined {mined}, pending {pending}, counter {local}"
         if pending > local:
             if not dry_run:
                 with transaction(p.engine, actor) as conn:
-                    conn.execute(query("lock_signer_nonce"),
-                                 {"chain_id": p.chain_id, "signer": signer.address, "chain_nonce": pending})
+                    conn.execute(query("lock_signer_nonce"), {"chain_id": p.chain_id, "signer": wallet,
+                                                              "chain_nonce": pending})
             actions.append(Action(None, "raise_counter", _done(dry_run), f"{tag}: counter to {pending}"))
-        high = min(local, mined + MAX_GAP_FILL)
-        if high <= mined:
+        planned = txm.plan(wallet, head, now)
+        if not planned:
             actions.append(Action(None, "none", UNCHANGED, f"{tag}: no nonce waiting"))
             continue
-        with p.engine.connect() as conn:
-            stored = {int(r["nonce"]): list(r["hashes"]) for r in fetch_all(
-                conn, "stored_transactions_by_nonce", chain_id=p.chain_id, signer=signer.address, low=mined,
-                high=high)}
-        gaps = [n for n in range(mined, high) if n not in stored]
-        resend = [h for n in range(mined, high) for h in stored.get(n, [])]
-        if resend:
-            if not dry_run:
-                broadcast_stored(p, actor, resend)
-            actions.append(Action(None, "rebroadcast", _done(dry_run),
-                                  f"{tag}: stored transactions for nonces {mined}..{high - 1} sent again"))
-        if gaps:
-            if not dry_run:
-                tip = to_int(answers[3].result) if answers[3].ok else 10**9
-                fees: Fees = fees_from(to_int(answers[2].result.get("baseFeePerGas", "0x0")), tip).bumped(20)
-                fills = [sign_tx(signer.account.key, chain_id=p.chain_id, nonce=n, to=signer.address, data=b"",
-                                 gas=21_000, fees=fees) for n in gaps]
-                with transaction(p.engine, actor) as conn:
-                    persist_transactions(conn, p.chain_id, signer.address, [(None, TxKind.GAP_FILL, t) for t in fills])
-                broadcast_stored(p, actor, [t.tx_hash for t in fills])
-            actions.append(Action(None, "gap_fill", _done(dry_run),
-                                  f"{tag}: 0-value self-transfers for nonces {gaps[:20]}"))
+        by_action: dict[NonceAction, list[int]] = {}
+        for nonce, action in planned:
+            by_action.setdefault(action, []).append(nonce)
+        for action, nonces in sorted(by_action.items()):
+            actions.append(Action(None, str(action), _done(dry_run) if action is not NonceAction.NONE else UNCHANGED,
+                                  f"{tag}: nonces {nonces[:20]}{' ...' if len(nonces) > 20 else ''}"))
+        if not dry_run:
+            with txm.tend_lock(wallet) as mine:
+                if mine:
+                    txm.tend(wallet, head, now, actor, TendReport())
     return actions
 
 
@@ -353,27 +313,21 @@ def reconcile_block_range(p: Pipeline, from_block: int, to_block: int, settings:
     open_rows = {h: r for h, r in known.items() if r["payment_status"] in ("processing", "sent")}
     if not open_rows:
         return [*actions, Action(None, "none", UNCHANGED, f"{len(known)} known transaction(s) already applied")]
-    head, receipts = _receipts(p, list(open_rows))
     to_send = [(r["payment_id"], h) for h, r in open_rows.items() if r["payment_status"] == "processing"]
-    if to_send and not dry_run:
-        broadcast_and_mark_sent(p, actor, to_send)
-    done: list[tuple[str, Receipt]] = []
-    failed: list[tuple[str, str, int | None]] = []
-    for h, r in open_rows.items():
-        rec = receipts.get(h)
-        if rec is None or head - rec.block_number + 1 < settings.confirmation_depth:
-            actions.append(Action(r["payment_id"], "none", UNCHANGED, f"{h} not yet at depth"))
-        elif rec.status == 1:
-            done.append((r["payment_id"], rec))
-        else:
-            failed.append((r["payment_id"], f"transaction reverted: {h} in block {rec.block_number}",
-                           rec.block_number))
+    ids = sorted({r["payment_id"] for r in open_rows.values() if r["payment_id"] is not None})
     if not dry_run:
-        complete_payments(p, actor, done)
-        fail_confirmations(p, actor, failed)
-    actions += [Action(pid, "complete", _done(dry_run), f"{rec.tx_hash} in block {rec.block_number}")
-                for pid, rec in done]
-    actions += [Action(pid, "confirmation_failed", _done(dry_run), why) for pid, why, _ in failed]
+        if to_send:
+            broadcast_and_mark_sent(p, actor, to_send)
+        decided = _check(p, actor, settings, ids, dry_run=False)
+    else:  # what the confirm stage would decide once they are `sent`
+        actions += [Action(pid, "mark_sent", WOULD_APPLY, f"{h} is mined") for pid, h in to_send]
+        pays = [dataclasses.replace(CheckedPayment.from_row(r), status="sent")
+                for r in candidates(p, ["processing", "sent"], Filters(ids=ids, limit=len(ids)))]
+        head, facts = read_facts(p, pays, settings)
+        decided = [(pay, *decide(pay, facts[pay.id], head, settings)) for pay in pays]
+    for pay, outcome, why in decided:
+        done = UNCHANGED if outcome is Outcome.WAIT else _done(dry_run)
+        actions.append(Action(pay.id, _OUTCOME_ACTION[outcome], done, why))
     return actions
 
 
@@ -382,14 +336,39 @@ def reconcile_block_range(p: Pipeline, from_block: int, to_block: int, settings:
 
 def retry_failed_mints(p: Pipeline, f: Filters, *, dry_run: bool, actor: str) -> list[Action]:
     """Failed mints (the payment was completed, nothing was minted) go back to released, for a new
-    transaction by the mint flow - after the cause (e.g. the minter role) was fixed."""
+    transaction by the mint flow - after the cause (e.g. the minter role) was fixed. Refused while any
+    earlier attempt could still be mined (its nonce not consumed at depth), and for a mint the chain
+    shows done (its mint id used, or a successful attempt)."""
     with p.engine.connect() as conn:
         rows = fetch_all(conn, "failed_mints", chain_id=p.chain_id, ids=f.ids, limit=f.limit)
     if not rows:
         return []
-    moved = [r["id"] for r in rows]
-    if not dry_run:
+    keyed = [r for r in rows if r["mint_key"]]
+    answers = rpc_batch(p.w3, [("eth_call", [{"to": r["mint_token"], "data": "0x" + mint_id_used_calldata(
+        bytes.fromhex(r["mint_key"][2:])).hex()}, "latest"]) for r in keyed])
+    bad = next((a for a in answers if not a.ok), None)
+    if bad is not None:
+        raise RpcError(f"mint id lookup failed: {bad.message}")
+    used = {r["id"] for r, a in zip(keyed, answers, strict=True) if to_int(a.result or "0x0") != 0}
+    actions: list[Action] = []
+    safe: list[int] = []
+    for r in rows:
+        if r["tx_nonce"] is not None and not r["nonce_final"]:
+            actions.append(Action(r["payment_id"], "retry_mint", REFUSED, f"mint {r['id']}: nonce {r['tx_nonce']} "
+                                  "is not consumed at depth yet; an earlier attempt could still be mined"))
+        elif r["id"] in used:
+            actions.append(Action(r["payment_id"], "retry_mint", REFUSED, f"mint {r['id']}: its mint id is used on "
+                                                                         "chain: it was minted"))
+        elif not r["mint_key"] and r["mined_status"] == 1 and r["mined_hash"] in (r["hashes"] or []):
+            actions.append(Action(r["payment_id"], "retry_mint", REFUSED, f"mint {r['id']}: {r['mined_hash']} "
+                                                                         "succeeded on chain: it was minted"))
+        else:
+            safe.append(r["id"])
+    moved = safe
+    if safe and not dry_run:
         with transaction(p.engine, actor) as conn:
-            moved = [x["id"] for x in fetch_all(conn, "retry_failed_mints", ids=moved)]
-    return [Action(r["payment_id"], "retry_mint", _done(dry_run) if r["id"] in moved else UNCHANGED,
-                   f"mint {r['id']}: {r['error']}") for r in rows]
+            moved = [x["id"] for x in fetch_all(conn, "retry_failed_mints", ids=safe)]
+    by_id = {r["id"]: r for r in rows}
+    actions += [Action(by_id[i]["payment_id"], "retry_mint", _done(dry_run) if i in moved else UNCHANGED,
+                       f"mint {i}: {by_id[i]['error']}") for i in safe]
+    return actions

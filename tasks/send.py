@@ -12,7 +12,6 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from sqlalchemy import Connection
 
 from payments.chain import (
     Fees,
@@ -34,7 +33,9 @@ from payments.errors import RpcError
 from payments.faults import AFTER_BROADCAST, AFTER_PERSIST, failpoint
 from payments.settings import PipelineSettings
 from payments.statuses import TxKind
+from payments.txm import first_fees, persist_attempts, record_broadcasts
 from tasks.common import Pipeline, chunked, retry_on_rpc_error, run_logger
+from tasks.confirm import AUTHORIZATION_USED_TOPIC
 
 BROADCAST_CHUNK = 500
 
@@ -81,6 +82,7 @@ class SendReport:
     sent: int = 0
     resumed: int = 0
     not_accepted: int = 0
+    settled_elsewhere: int = 0
 
 
 # --------------------------------------------------------------------------- claims
@@ -108,12 +110,14 @@ def claim_pending_payments(
 class Simulation:
     fees: Fees
     chain_pending_nonce: int
+    head: int
     gas: dict[str, int]  # payment id -> gas limit, for settlements that would succeed
     rejected: dict[str, str]  # payment id -> reason, for settlements that would revert
     unknown: dict[str, str]  # payment id -> RPC error that proves nothing (retry later)
 
 
-def simulate_settlements(p: Pipeline, signer: Signer, payments: list[ClaimedPayment], gas_cap: int) -> Simulation:
+def simulate_settlements(p: Pipeline, signer: Signer, payments: list[ClaimedPayment], gas_cap: int,
+                         fee_cap: int = 10**16) -> Simulation:
     """One JSON-RPC batch: fee data, the signer's pending nonce, and an eth_estimateGas per payment
     (against the pending state, so payments queued behind each other are seen)."""
     calls: list[tuple[str, list[Any]]] = [
@@ -131,7 +135,7 @@ def simulate_settlements(p: Pipeline, signer: Signer, payments: list[ClaimedPaym
     if not (head.ok and count.ok):
         raise RpcError(f"fee/nonce lookup failed: {head.message or count.message}")
     base_fee = to_int(head.result.get("baseFeePerGas", "0x0"))
-    fees = fees_from(base_fee, to_int(tip.result) if tip.ok else 10**9)
+    fees = first_fees(fees_from(base_fee, to_int(tip.result) if tip.ok else 10**9), fee_cap)
     gas: dict[str, int] = {}
     rejected: dict[str, str] = {}
     unknown: dict[str, str] = {}
@@ -147,8 +151,8 @@ def simulate_settlements(p: Pipeline, signer: Signer, payments: list[ClaimedPaym
             rejected[pay.id] = f"{failure_code(reason)}: simulation reverted: {reason}"
         else:
             unknown[pay.id] = answer.message or "estimate failed"
-    return Simulation(fees=fees, chain_pending_nonce=to_int(count.result), gas=gas, rejected=rejected,
-                      unknown=unknown)
+    return Simulation(fees=fees, chain_pending_nonce=to_int(count.result), head=to_int(head.result["number"]),
+                      gas=gas, rejected=rejected, unknown=unknown)
 
 
 def fail_processing_payments(p: Pipeline, owner: str, reasons: dict[str, str]) -> list[str]:
@@ -167,63 +171,68 @@ def release_processing_payments(p: Pipeline, owner: str, ids: list[str], error: 
         return [r["id"] for r in fetch_all(conn, "release_processing_payments", ids=ids, owner=owner, error=error)]
 
 
+USED_OR_CANCELED = failure_code("used or canceled")
+AUTHORIZATION_LOOKBACK_BLOCKS = 50_000
+
+
+def settled_elsewhere(p: Pipeline, owner: str, payments: list[ClaimedPayment], head: int) -> list[str]:
+    """Authorizations already used on chain before we signed anything (someone else submitted them): the
+    merchant was paid. Such payments become `sent` with that transaction, for the confirm stage to
+    complete at depth - never `failed`. Returns their ids; a cancelled authorization stays a failure."""
+    if not payments:
+        return []
+    topics = [[AUTHORIZATION_USED_TOPIC], sorted({"0x" + "0" * 24 + q.payer[2:] for q in payments}),
+              sorted({q.auth_nonce for q in payments})]
+    calls: list[tuple[str, Any]] = [("eth_getLogs", [{"address": token, "topics": topics, "toBlock": "latest",
+                                                      "fromBlock": hex(max(head - AUTHORIZATION_LOOKBACK_BLOCKS, 0))}])
+                                    for token in sorted({q.token for q in payments})]
+    found: dict[tuple[str, str], str] = {}
+    for answer in rpc_batch(p.w3, calls):
+        if not answer.ok:
+            return []  # unknown: they fail as simulated; recheck-confirmation-failed can still find them
+        for ev in answer.result or []:
+            found[("0x" + str(ev["topics"][1])[-40:].lower(), str(ev["topics"][2]).lower())] = \
+                str(ev["transactionHash"]).lower()
+    hits = [(q.id, found[(q.payer, q.auth_nonce)]) for q in payments if (q.payer, q.auth_nonce) in found]
+    if not hits:
+        return []
+    with transaction(p.engine, owner) as conn:
+        rows = fetch_all(conn, "mark_sent_foreign", owner=owner, ids=[h[0] for h in hits], hashes=[h[1] for h in hits],
+                         notes=[f"authorization already used on chain by {h[1]}" for h in hits])
+    return [r["id"] for r in rows]
+
+
 # --------------------------------------------------------------------------- nonces, signing, persistence
 
 
 def assign_nonces_and_sign(
     p: Pipeline, signer: Signer, owner: str, payments: list[ClaimedPayment], sim: Simulation
 ) -> list[tuple[str, SignedTx]]:
-    """In ONE database transaction: lock the payments still owned, lock the signer's nonce row
-    (max of the local counter and the chain's pending count), sign, store every signed tx, attach
-    nonce + hash to its payment and advance the counter. Nothing is broadcast here."""
+    """In ONE database transaction: lock the payments still owned, take consecutive nonces from the
+    transaction manager (the wallet's counter row stays locked until commit), sign, store every attempt,
+    attach nonce + hash to its payment. Nothing is broadcast here."""
     to_sign = [pay for pay in payments if pay.id in sim.gas]
     if not to_sign:
         return []
     by_id = {pay.id: pay for pay in to_sign}
+    txm = p.txm()
     with transaction(p.engine, owner) as conn:
         owned = [r["id"] for r in fetch_all(conn, "lock_owned_unsigned_payments", ids=list(by_id), owner=owner)]
         if not owned:
             return []
-        first = conn.execute(query("lock_signer_nonce"), {"chain_id": p.chain_id, "signer": signer.address,
-                                                          "chain_nonce": sim.chain_pending_nonce}).scalar_one()
-        signed: list[tuple[str, SignedTx]] = []
-        for offset, pid in enumerate(owned):
-            pay = by_id[pid]
-            tx = sign_tx(signer.account.key, chain_id=p.chain_id, nonce=first + offset, to=pay.token,
-                         data=pay.calldata(), gas=sim.gas[pid], fees=sim.fees)
-            signed.append((pid, tx))
-        persist_transactions(conn, p.chain_id, signer.address, [(pid, TxKind.SETTLEMENT, tx) for pid, tx in signed])
+        first = txm.take_nonces(conn, signer.address, sim.chain_pending_nonce, len(owned))
+        signed = [(pid, sign_tx(signer.account.key, chain_id=p.chain_id, nonce=first + offset, to=by_id[pid].token,
+                                data=by_id[pid].calldata(), gas=sim.gas[pid], fees=sim.fees))
+                  for offset, pid in enumerate(owned)]
+        persist_attempts(conn, p.chain_id, signer.address, [tx for _, tx in signed],
+                         [TxKind.SETTLEMENT for _ in signed], [pid for pid, _ in signed], [None for _ in signed],
+                         sim.head)
         attached = fetch_all(conn, "attach_transactions", ids=[pid for pid, _ in signed],
                              nonces=[tx.nonce for _, tx in signed], hashes=[tx.tx_hash for _, tx in signed],
-                             owner=owner)
+                             owner=owner, sent_block=sim.head)
         if len(attached) != len(signed):  # rows are locked above, so this means a bug: roll back everything
             raise RuntimeError(f"attached {len(attached)} of {len(signed)} signed payments")
-        advanced = conn.execute(query("advance_signer_nonce"), {
-            "chain_id": p.chain_id, "signer": signer.address, "expected": first, "next_nonce": first + len(signed),
-        }).all()
-        if len(advanced) != 1:
-            raise RuntimeError("signer nonce counter moved while it was locked")
     return signed
-
-
-def persist_transactions(
-    conn: Connection, chain_id: int, signer: str, txs: list[tuple[str | None, TxKind, SignedTx]],
-    mint_ids: list[int] | None = None,
-) -> None:
-    """Store signed transactions (owned by a payment, or by a mint row when mint_ids is given)."""
-    conn.execute(query("insert_transactions"), {
-        "chain_id": chain_id,
-        "signer": signer,
-        "nonces": [tx.nonce for _, _, tx in txs],
-        "hashes": [tx.tx_hash for _, _, tx in txs],
-        "payment_ids": [pid for pid, _, _ in txs],
-        "mint_ids": mint_ids if mint_ids is not None else [None for _ in txs],
-        "kinds": [str(kind) for _, kind, _ in txs],
-        "raws": [tx.raw for _, _, tx in txs],
-        "max_fees": [tx.fees.max_fee_per_gas for _, _, tx in txs],
-        "max_tips": [tx.fees.max_priority_fee_per_gas for _, _, tx in txs],
-        "gas_limits": [tx.gas_limit for _, _, tx in txs],
-    })
 
 
 # --------------------------------------------------------------------------- broadcast
@@ -239,25 +248,10 @@ def send_stored(p: Pipeline, hashes: list[str]) -> dict[str, RpcResult]:
     return {r["tx_hash"]: a for r, a in zip(rows, answers, strict=True)}
 
 
-def record_broadcasts(conn: Connection, results: dict[str, RpcResult]) -> None:
-    conn.execute(query("record_broadcasts"), {
-        "hashes": list(results),
-        "errors": [None if broadcast_accepted(a) else a.message[:500] for a in results.values()],
-    })
-
-
-def broadcast_stored(p: Pipeline, actor: str, hashes: list[str]) -> dict[str, RpcResult]:
-    """Broadcast the committed bytes of these transactions and record each attempt."""
-    results = send_stored(p, hashes)
-    if results:
-        with transaction(p.engine, actor) as conn:
-            record_broadcasts(conn, results)
-    return results
-
-
 def broadcast_and_mark_sent(p: Pipeline, actor: str, pairs: list[tuple[str, str]]) -> tuple[list[str], dict[str, str]]:
     """Broadcast (payment id, tx hash) pairs; payments whose tx the node accepted become `sent`.
-    The rest stay `processing` with the node's answer noted; their lease expiry brings them back to
+    The rest stay `processing` with the node's answer noted; the transaction manager re-prices an
+    attempt refused for its fees, and a dead run's lease expiry brings the rest back to
     `resume_unbroadcast`, which sends the same bytes again."""
     results = send_stored(p, [h for _, h in pairs])
     failpoint(AFTER_BROADCAST)
@@ -305,11 +299,14 @@ def prepare_lane_batch(
     if not claimed:
         return []
     try:
-        sim = simulate_settlements(p, signer, claimed, settings.settlement_gas_limit)
+        sim = simulate_settlements(p, signer, claimed, settings.settlement_gas_limit, settings.max_fee_per_gas_cap)
     except RpcError as exc:
         report.released += len(release_processing_payments(p, owner, [c.id for c in claimed], str(exc)[:500]))
         raise
-    failed = fail_processing_payments(p, owner, sim.rejected)
+    used = {pid: why for pid, why in sim.rejected.items() if why.startswith(USED_OR_CANCELED)}
+    elsewhere = settled_elsewhere(p, owner, [c for c in claimed if c.id in used], sim.head)
+    report.settled_elsewhere += len(elsewhere)
+    failed = fail_processing_payments(p, owner, {k: v for k, v in sim.rejected.items() if k not in elsewhere})
     report.failed += len(failed)
     log = run_logger()
     for pid in failed:

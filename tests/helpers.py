@@ -59,3 +59,19 @@ def chain_time(dep: Deployment) -> int:
     """The latest block's timestamp: what `validBefore` is checked against (anvil's clock can lag or lead
     wall time after snapshots and evm_increaseTime)."""
     return int(dep.w3().eth.get_block("latest")["timestamp"])
+
+
+def claim_checks(conn: Any, ids: list[str], owner: str) -> None:
+    """Take the confirm claim of these payments, as a confirm pass does before it writes an outcome."""
+    conn.execute(text("UPDATE payment_queue SET check_owner = :o, check_expires_at = now() + interval '1 minute' "
+                      "WHERE id = ANY(:ids)"), {"o": owner, "ids": ids})
+
+
+def force_confirmation_failed(engine: Engine, ids: list[str], reason: str = "test") -> None:
+    """Put `sent` payments into confirmation_failed (mint rows cancelled) through the pipeline's statement."""
+    from payments.db import fetch_all, transaction
+
+    with transaction(engine, "test") as conn:
+        claim_checks(conn, ids, "test")
+        fetch_all(conn, "fail_confirmation", ids=ids, errors=[reason] * len(ids), blocks=[None] * len(ids),
+                  owner="test")

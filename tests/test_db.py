@@ -19,6 +19,7 @@ from payments.intake import MintItem, enqueue_payment
 from payments.migrate import current_revision, head_revision, upgrade
 from payments.settings import read_settings, write_setting
 from payments.statuses import MintStatus, PaymentStatus
+from tests.helpers import claim_checks
 
 KEY = "0x" + "11" * 32
 TOKEN = "0x" + "aa" * 20
@@ -48,7 +49,8 @@ def _claim(engine: Engine, owner: str, limit: int) -> list[str]:
 def _attach(engine: Engine, owner: str, ids: list[str], first_nonce: int = 0) -> None:
     with transaction(engine, owner) as conn:
         fetch_all(conn, "attach_transactions", ids=ids, nonces=list(range(first_nonce, first_nonce + len(ids))),
-                  hashes=["0x" + f"{i + first_nonce:064x}" for i in range(len(ids))], owner=owner)
+                  hashes=["0x" + f"{i + first_nonce:064x}" for i in range(len(ids))], owner=owner,
+                  sent_block=None)
 
 
 def _status(engine: Engine, pid: str) -> str:
@@ -57,9 +59,9 @@ def _status(engine: Engine, pid: str) -> str:
 
 
 def test_migrations_reach_head_and_are_idempotent(db_url: str) -> None:
-    assert current_revision(db_url) == head_revision() == "013"
+    assert current_revision(db_url) == head_revision() == "014"
     upgrade(db_url)  # again: nothing to do, nothing fails
-    assert current_revision(db_url) == "013"
+    assert current_revision(db_url) == "014"
 
 
 def test_every_migration_file_has_a_revision() -> None:
@@ -167,12 +169,23 @@ def test_guarded_transitions_have_one_winner(engine: Engine) -> None:
     with transaction(engine, "a") as conn:
         assert [r["id"] for r in fetch_all(conn, "mark_sent", ids=[pid])] == [pid]
         assert fetch_all(conn, "mark_sent", ids=[pid]) == []  # second time: nothing
-    done = {"ids": [pid], "blocks": [5], "hashes": ["0x" + "0" * 64]}
+    block_hash = "0x" + "1" * 64
+    done = {"ids": [pid], "blocks": [5], "hashes": ["0x" + "0" * 64], "block_hashes": [block_hash]}
     with transaction(engine, "c1") as conn:
-        assert len(fetch_all(conn, "complete_payments", **done)) == 1
-    with transaction(engine, "c2") as conn:
-        assert fetch_all(conn, "complete_payments", **done) == []
-        assert fetch_all(conn, "fail_confirmation", ids=[pid], errors=["late"], blocks=[None]) == []
+        claim_checks(conn, [pid], "c1")
+        assert fetch_all(conn, "complete_payments", owner="c2", **done) == []  # not the claim's owner
+        assert len(fetch_all(conn, "complete_payments", owner="c1", **done)) == 1
+    with transaction(engine, "c1") as conn:
+        assert fetch_all(conn, "complete_payments", owner="c1", **done) == []
+        assert fetch_all(conn, "fail_confirmation", ids=[pid], errors=["late"], blocks=[None], owner="c1") == []
+    with engine.connect() as conn:
+        mint = conn.execute(text("SELECT status FROM mint_queue WHERE payment_id = :p"), {"p": pid}).scalar_one()
+    assert mint == "waiting"  # mints wait for mint_confirmation_depth
+    with transaction(engine, "c1") as conn:
+        assert fetch_all(conn, "release_settled_mints", ids=[pid], block_hashes=["0x" + "2" * 64], owner="c1") == []
+        assert len(fetch_all(conn, "release_settled_mints", ids=[pid], block_hashes=[block_hash], owner="c1")) == 1
+        assert fetch_all(conn, "release_settled_mints", ids=[pid], block_hashes=[block_hash], owner="c1") == []
+        assert fetch_all(conn, "unsettle_payments", ids=[pid], errors=["reorg"], owner="c1") == []  # final
     with engine.connect() as conn:
         mint = conn.execute(text("SELECT status, released_at FROM mint_queue WHERE payment_id = :p"), {"p": pid}).one()
     assert mint.status == "released" and mint.released_at is not None
@@ -185,8 +198,10 @@ def test_confirmation_failure_cancels_mint_rows(engine: Engine) -> None:
     _attach(engine, "a", [pid])
     with transaction(engine, "a") as conn:
         fetch_all(conn, "mark_sent", ids=[pid])
-        assert len(fetch_all(conn, "fail_confirmation", ids=[pid], errors=["reverted"], blocks=[9])) == 1
-        assert fetch_all(conn, "complete_payments", ids=[pid], blocks=[9], hashes=["0x" + "0" * 64]) == []
+        claim_checks(conn, [pid], "a")
+        assert len(fetch_all(conn, "fail_confirmation", ids=[pid], errors=["expired"], blocks=[9], owner="a")) == 1
+        assert fetch_all(conn, "complete_payments", ids=[pid], blocks=[9], hashes=["0x" + "0" * 64],
+                         block_hashes=["0x" + "0" * 64], owner="a") == []
     with engine.connect() as conn:
         assert conn.execute(text("SELECT status FROM mint_queue")).scalar_one() == "cancelled"
 

@@ -47,8 +47,11 @@ def prefect_api() -> Iterator[str]:
 
 @pytest.fixture
 def flow_env(
-    prefect_api: str, chain: Deployment, embedded_db_url: str, monkeypatch: pytest.MonkeyPatch
+    prefect_api: str, chain: Deployment, embedded_db_url: str, embedded_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> dict[str, str]:
+    with embedded_engine.begin() as conn:  # the test chain mines only when a transaction arrives
+        write_setting(conn, "confirmation_depth", 1)
+        write_setting(conn, "mint_confirmation_depth", 1)
     env = {
         "DATABASE_URL": embedded_db_url,
         "RPC_URL": chain.rpc_url,

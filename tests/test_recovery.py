@@ -14,7 +14,6 @@ from payments.db import fetch_all, transaction
 from payments.localstack import Deployment, send_and_wait
 from payments.settings import PipelineSettings
 from tasks.common import Pipeline, new_owner_id
-from tasks.confirm import fail_confirmations
 from tasks.recovery import (
     Filters,
     recheck_confirmation_failed,
@@ -26,11 +25,22 @@ from tasks.recovery import (
 )
 from tasks.send import SendReport, prepare_lane_batch, send_lane_tick, send_stored
 from tests.conftest import rpc
-from tests.helpers import PRICE, authorize, balance, chain_time, mint_statuses, payment, queue, statuses
+from tests.helpers import (
+    PRICE,
+    authorize,
+    balance,
+    chain_time,
+    force_confirmation_failed,
+    mint_statuses,
+    payment,
+    queue,
+    statuses,
+)
 
 pytestmark = pytest.mark.chain
 
-FAST = PipelineSettings(payment_batch_size=100, confirmation_batch_size=100)
+FAST = PipelineSettings(payment_batch_size=100, confirmation_batch_size=100, confirmation_depth=1,
+                        mint_confirmation_depth=1, finality_depth=1)
 ALL = Filters()
 
 
@@ -122,8 +132,7 @@ def test_recheck_completes_payments_that_landed_after_all(pipeline: Pipeline, ch
     _send(pipeline)
     rpc(chain, "anvil_dropTransaction", [payment(engine, never)["tx_hash"]])
     rpc(chain, "evm_setAutomine", [True])
-    fail_confirmations(pipeline, "t", [(ours, "wrongly failed", None), (front_run, "wrongly failed", None),
-                                       (never, "really failed", None)])
+    force_confirmation_failed(pipeline.engine, [ours, front_run, never])
     assert mint_statuses(engine) == {"cancelled": 3}
     dry = _outcomes(recheck_confirmation_failed(pipeline, ALL, FAST, dry_run=True, actor="t"))
     assert dry == {ours: ("complete", "would_apply"), front_run: ("complete", "would_apply"),
@@ -132,7 +141,10 @@ def test_recheck_completes_payments_that_landed_after_all(pipeline: Pipeline, ch
     recheck_confirmation_failed(pipeline, ALL, FAST, dry_run=False, actor="t")
     assert payment(engine, ours)["status"] == "completed"
     settled = payment(engine, front_run)
-    assert settled["status"] == "completed" and "not one of ours" in settled["error"]
+    assert settled["status"] == "completed" and "settled by" in settled["error"]
+    with engine.connect() as conn:  # a transaction we never signed
+        ours_hashes = conn.execute(text("SELECT tx_hash FROM payment_transactions")).scalars().all()
+    assert settled["tx_hash"] not in ours_hashes
     assert payment(engine, never)["status"] == "confirmation_failed"
     assert mint_statuses(engine) == {"released": 2, "cancelled": 1}
     assert balance(chain, chain.merchant) == before + 2 * PRICE
@@ -149,21 +161,23 @@ def test_requeue_failed_only_when_safe(pipeline: Pipeline, chain: Deployment) ->
     used_auth = authorize(chain, chain.buyers[1])
     used = queue(engine, chain, used_auth)
     _settle_directly(chain, used_auth)
-    assert _send(pipeline).failed == 3
+    report = _send(pipeline)
+    assert (report.failed, report.settled_elsewhere) == (2, 1)  # paid by someone else's transaction: not failed
     signed = queue(engine, chain, authorize(chain, chain.buyers[2]))
     _send(pipeline)
     with transaction(engine, "t") as conn:  # a payment with a broadcast tx, rolled back by an operator
         fetch_all(conn, "rollback_payments_to_failed", ids=[signed], reason="test")
     dry = _outcomes(requeue_failed(pipeline, ALL, dry_run=True, actor="t"))
     assert dry == {broke: ("requeue", "would_apply"), expired: ("requeue", "refused"),
-                   used: ("requeue", "refused"), signed: ("requeue", "refused")}
+                   signed: ("requeue", "refused")}
+    assert payment(engine, used)["status"] == "sent"
     assert payment(engine, broke)["status"] == "failed"
     requeue_failed(pipeline, ALL, dry_run=False, actor="t")
     assert payment(engine, broke)["status"] == "pending"
     with engine.connect() as conn:
         assert conn.execute(text("SELECT status FROM mint_queue WHERE payment_id = :p"), {"p": broke}
                             ).scalar_one() == "waiting"
-    assert {payment(engine, i)["status"] for i in (expired, used, signed)} == {"failed"}
+    assert {payment(engine, i)["status"] for i in (expired, signed)} == {"failed"}
 
 
 def test_rollback_to_failed_refuses_what_landed_or_could_land(pipeline: Pipeline, chain: Deployment) -> None:
@@ -172,7 +186,7 @@ def test_rollback_to_failed_refuses_what_landed_or_could_land(pipeline: Pipeline
     first = queue(engine, chain, authorize(chain, buyer, value=600 * 10**6))
     reverted = queue(engine, chain, authorize(chain, buyer, value=600 * 10**6))
     _send(pipeline)  # both mined: the second reverts; the confirm loop has not run yet
-    fail_confirmations(pipeline, "t", [(reverted, "reverted", None)])
+    force_confirmation_failed(pipeline.engine, [reverted])
     rpc(chain, "evm_setAutomine", [False])
     pending_tx = queue(engine, chain, authorize(chain, chain.buyers[5]))
     _send(pipeline)  # in the mempool: could still land
@@ -194,16 +208,16 @@ def test_resync_nonces_rebroadcasts_and_fills_gaps(pipeline: Pipeline, chain: De
     rpc(chain, "anvil_dropTransaction", [payment(engine, pid)["tx_hash"]])  # ... then dropped by the node
     with engine.begin() as conn:  # nonces 1 and 2 taken with nothing stored (a lost write)
         conn.execute(text("UPDATE signer_nonces SET next_nonce = 3 WHERE signer = :s"), {"s": signer.address})
-    dry = resync_nonces(pipeline, dry_run=True, actor="t")
+    dry = resync_nonces(pipeline, FAST, dry_run=True, actor="t")
     assert [(a.action, a.outcome) for a in dry if signer.address in a.detail] == [
-        ("rebroadcast", "would_apply"), ("gap_fill", "would_apply")]
-    resync_nonces(pipeline, dry_run=False, actor="t")
+        ("fill", "would_apply"), ("rebroadcast", "would_apply")]
+    resync_nonces(pipeline, FAST, dry_run=False, actor="t")
     rpc(chain, "evm_mine", [])
     assert w3.eth.get_transaction_count(w3.to_checksum_address(signer.address)) == 3
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM payment_transactions WHERE kind = 'gap_fill'")
                             ).scalar_one() == 2
-    after = resync_nonces(pipeline, dry_run=True, actor="t")
+    after = resync_nonces(pipeline, FAST, dry_run=True, actor="t")
     assert [(a.action, a.outcome) for a in after if signer.address in a.detail] == [("none", "unchanged")]
 
 
@@ -220,7 +234,7 @@ def test_reconcile_block_range_applies_mined_settlements_and_reports_strangers(
     stranger = sign_tx(signer.account.key, chain_id=chain.chain_id, nonce=0, to=signer.address, data=b"",
                        gas=21_000, fees=Fees(10**11, 10**9))
     rpc(chain, "eth_sendRawTransaction", ["0x" + stranger.raw.hex()])
-    end = chain.w3().eth.block_number
+    end = chain.w3().eth.wait_for_transaction_receipt(stranger.tx_hash, timeout=30)["blockNumber"]
     dry = reconcile_block_range(pipeline, start, end, FAST, dry_run=True, actor="t")
     assert ("complete", "would_apply") in [(a.action, a.outcome) for a in dry if a.payment_id == pid]
     assert any(a.action == "unknown_transaction" and stranger.tx_hash in a.detail for a in dry)

@@ -19,6 +19,7 @@ from payments.chain import (
     mint_id_used_calldata,
     mint_once_calldata,
     revert_reason,
+    sign_tx,
     split_signature,
     transfer_with_authorization_data,
 )
@@ -29,7 +30,17 @@ from payments.errors import ConfigurationError, InvalidPaymentError
 from payments.intake import MintItem, validate
 from payments.settings import PipelineSettings, parse_settings
 from payments.statuses import PaymentStatus
-from tasks.confirm import ChainView, Receipt, SentPayment, Verdict, judge, unlandable_reason
+from payments.txm import (
+    Intent,
+    NonceAction,
+    OpenNonce,
+    decode_call,
+    first_fees,
+    intent_of,
+    nonce_action,
+    replacement_fees,
+)
+from tasks.confirm import CheckedPayment, Facts, Outcome, Settlement, decide
 
 KEY = "0x" + "11" * 32
 DOMAIN = TokenDomain("USD Coin", "2", 31337, "0x5FbDB2315678afecb367f032d93F642f64180aa3")
@@ -63,12 +74,7 @@ def test_settings_reject_bad_values() -> None:
     assert parse_settings({"unrelated_monitor_threshold": "x"}) == PipelineSettings()
 
 
-def test_fee_bump_raises_both_fees_by_at_least_ten_percent() -> None:
-    old = Fees(max_fee_per_gas=1_000, max_priority_fee_per_gas=100)
-    new = old.bumped(10)
-    assert new.max_fee_per_gas >= 1_100 and new.max_priority_fee_per_gas >= 110
-    floor = Fees(max_fee_per_gas=5_000, max_priority_fee_per_gas=400)
-    assert old.bumped(10, floor) == Fees(5_000, 400)
+def test_first_fees_pay_twice_the_base_fee() -> None:
     assert fees_from(base_fee=7, priority_fee=0) == Fees(max_fee_per_gas=15, max_priority_fee_per_gas=1)
 
 
@@ -155,50 +161,101 @@ def test_rebroadcast_answers_that_mean_success() -> None:
     assert not broadcast_accepted(RpcResult(error={"message": "replacement transaction underpriced"}))
 
 
-def _sent(**over: object) -> SentPayment:
-    base = dict(id="pay_00000001", payer="0x" + "01" * 20, token="0x" + "02" * 20, pay_to="0x" + "03" * 20,
-                amount=1, valid_after=0, valid_before=2_000_000_000, auth_nonce="0x" + "04" * 32,
-                signature="0x" + "05" * 65, signer="0x" + "06" * 20, tx_nonce=7, age_seconds=5.0,
-                hashes=("0xa", "0xb"), latest_hash="0xb", latest_age_seconds=5.0, last_broadcast_age_seconds=5.0,
-                fees=Fees(100, 10), gas_limit=100_000)
+SETTINGS = PipelineSettings(confirmation_depth=2, mint_confirmation_depth=4, finality_depth=6,
+                            fee_bump_after_blocks=3, rebroadcast_after_seconds=30, fee_bump_percent=20)
+HASH_A, HASH_B = "0x" + "a" * 64, "0x" + "b" * 64
+
+
+def _pay(status: str = "sent", block_hash: str | None = None) -> CheckedPayment:
+    return CheckedPayment(id="pay_00000001", status=status, token="0x" + "02" * 20, payer="0x" + "01" * 20,
+                          auth_nonce="0x" + "04" * 32, valid_before=2_000, signer="0x" + "06" * 20,
+                          block_hash=block_hash, sent_block=90)
+
+
+def _facts(block: int | None = None, block_hash: str = HASH_A, *, used: bool | None = None, cancelled: bool = False,
+           expired_final: bool = False) -> Facts:
+    settlement = None if block is None else Settlement("0x" + "c" * 64, block, block_hash)
+    return Facts(used_now=block is not None if used is None else used, settlement=settlement, cancelled=cancelled,
+                 expired_final=expired_final)
+
+
+def test_a_settlement_completes_at_confirmation_depth_whoever_sent_it() -> None:
+    assert decide(_pay(), _facts(100), head=100, settings=SETTINGS)[0] is Outcome.WAIT
+    assert decide(_pay(), _facts(100), head=101, settings=SETTINGS)[0] is Outcome.COMPLETE
+    assert decide(_pay(), _facts(100), head=103, settings=SETTINGS)[0] is Outcome.FINAL  # and mints at once
+
+
+def test_mints_are_released_at_mint_depth_in_the_same_block_only() -> None:
+    done = _pay("completed", HASH_A)
+    assert decide(done, _facts(100), head=102, settings=SETTINGS)[0] is Outcome.WAIT
+    assert decide(done, _facts(100), head=103, settings=SETTINGS)[0] is Outcome.RELEASE
+    assert decide(done, _facts(101, HASH_B), head=110, settings=SETTINGS)[0] is Outcome.STEP_BACK  # moved by a reorg
+    assert decide(done, _facts(), head=110, settings=SETTINGS)[0] is Outcome.STEP_BACK  # gone
+
+
+def test_mint_depth_is_never_below_confirmation_depth() -> None:
+    assert dataclasses.replace(SETTINGS, mint_confirmation_depth=1).mint_depth == SETTINGS.confirmation_depth
+
+
+def test_failure_needs_proof_from_the_chain() -> None:
+    assert decide(_pay(), _facts(), head=500, settings=SETTINGS)[0] is Outcome.WAIT  # a revert proves nothing
+    assert decide(_pay(), _facts(expired_final=True), head=500, settings=SETTINGS)[0] is Outcome.FAIL
+    assert decide(_pay(), _facts(used=True, cancelled=True), head=500, settings=SETTINGS)[0] is Outcome.FAIL
+    assert decide(_pay(), _facts(used=True), head=500, settings=SETTINGS)[0] is Outcome.WAIT  # event not seen yet
+
+
+def test_replacement_fees_rise_ten_percent_or_to_the_estimate_and_stop_at_the_cap() -> None:
+    old = Fees(max_fee_per_gas=1_000, max_priority_fee_per_gas=100)
+    low = Fees(max_fee_per_gas=10, max_priority_fee_per_gas=1)
+    assert replacement_fees(old, low, 5, cap=10**9) == (Fees(1_100, 110), False)  # at least +10 %, rounded up
+    assert replacement_fees(Fees(1_001, 101), low, 10, cap=10**9)[0] == Fees(1_102, 112)
+    high = Fees(max_fee_per_gas=5_000, max_priority_fee_per_gas=400)
+    assert replacement_fees(old, high, 20, cap=10**9) == (Fees(5_000, 400), False)
+    assert replacement_fees(old, high, 20, cap=2_000) == (Fees(2_000, 400), True)
+    assert replacement_fees(old, high, 20, cap=1_050) == (None, True)  # no room for a valid replacement
+    assert first_fees(high, cap=300) == Fees(300, 300)
+
+
+def _open(intent: Intent = Intent.LIVE, **over: object) -> OpenNonce:
+    base = dict(nonce=7, tx_hash=HASH_A, kind="settlement", payment_id="pay_00000001", mint_id=None, raw=b"",
+                fees=Fees(1_000, 100), gas_limit=100_000, signed_block=100, broadcast_age=5.0, last_error=None,
+                intent=intent)
     base.update(over)
-    return SentPayment(**base)  # type: ignore[arg-type]
+    return OpenNonce(**base)  # type: ignore[arg-type]
 
 
-SETTINGS = PipelineSettings(confirmation_depth=2, confirmation_timeout_seconds=300, rebroadcast_after_seconds=30)
+def test_nonce_actions() -> None:
+    act = nonce_action
+    assert act(None, True, 100, 10, SETTINGS) is NonceAction.FILL  # a gap
+    assert act(_open(Intent.DEAD), False, 100, 10, SETTINGS) is NonceAction.CANCEL
+    assert act(_open(), True, 102, 10, SETTINGS) is NonceAction.NONE
+    assert act(_open(), True, 103, 10, SETTINGS) is NonceAction.BUMP  # fee_bump_after_blocks without inclusion
+    assert act(_open(broadcast_age=31.0), False, 103, 10, SETTINGS) is NonceAction.REBROADCAST  # waits its turn
+    assert act(_open(), False, 101, 2_000, SETTINGS) is NonceAction.BUMP  # below the base fee
+    refused = _open(last_error="replacement transaction underpriced")
+    assert act(refused, False, 101, 10, SETTINGS) is NonceAction.BUMP
+    assert act(_open(broadcast_age=None), False, 101, 10, SETTINGS) is NonceAction.REBROADCAST
 
 
-def test_judge_completes_only_at_depth() -> None:
-    ok = {"0xa": Receipt("0xa", 1, 100)}
-    assert judge(_sent(), ok, head=100, settings=SETTINGS)[0] is Verdict.WAIT
-    assert judge(_sent(), ok, head=101, settings=SETTINGS)[0] is Verdict.COMPLETE
+def test_intent_of_a_nonce() -> None:
+    row = dict(kind="settlement", hashes=[HASH_A], payment_id="p", payment_status="sent", valid_before=2_000,
+               payment_tx_hash=HASH_A, mint_status=None, mint_tx_hash=None)
+    assert intent_of(row, chain_time=1_999) is Intent.LIVE
+    assert intent_of(row, chain_time=2_000) is Intent.DEAD  # expired: cannot land any more
+    assert intent_of({**row, "payment_status": "completed"}, 1) is Intent.LIVE  # this nonce settled it (reorg)
+    assert intent_of({**row, "payment_status": "completed", "payment_tx_hash": HASH_B}, 1) is Intent.DEAD
+    assert intent_of({**row, "payment_status": "confirmation_failed"}, 1) is Intent.DEAD
+    mint = {**row, "payment_id": None, "mint_status": "minting"}
+    assert intent_of(mint, 1) is Intent.LIVE
+    assert intent_of({**mint, "mint_status": "failed"}, 1) is Intent.DEAD
+    assert intent_of({**row, "kind": "gap_fill"}, 1) is Intent.FILLER
 
 
-def test_judge_prefers_a_successful_hash_and_reports_reverts() -> None:
-    mixed = {"0xa": Receipt("0xa", 0, 100), "0xb": Receipt("0xb", 1, 100)}
-    verdict, receipt = judge(_sent(), mixed, head=110, settings=SETTINGS)
-    assert verdict is Verdict.COMPLETE and receipt is not None and receipt.tx_hash == "0xb"
-    assert judge(_sent(), {"0xa": Receipt("0xa", 0, 100)}, head=110, settings=SETTINGS)[0] is Verdict.REVERTED
-
-
-def test_judge_without_receipt_waits_rebroadcasts_then_reconciles() -> None:
-    assert judge(_sent(), {}, head=1, settings=SETTINGS)[0] is Verdict.WAIT
-    assert judge(_sent(last_broadcast_age_seconds=31.0), {}, 1, SETTINGS)[0] is Verdict.REBROADCAST
-    assert judge(_sent(last_broadcast_age_seconds=None), {}, 1, SETTINGS)[0] is Verdict.REBROADCAST
-    assert judge(_sent(age_seconds=301.0), {}, 1, SETTINGS)[0] is Verdict.RECONCILE
-
-
-def test_unlandable_only_with_proof() -> None:
-    alive = ChainView(mined_nonce_count=7, authorization_used=False, head_timestamp=1_000, receipts={})
-    assert unlandable_reason(_sent(), alive) is None
-    consumed = dataclasses.replace(alive, mined_nonce_count=8)
-    assert "consumed" in (unlandable_reason(_sent(), consumed) or "")
-    expired = dataclasses.replace(alive, head_timestamp=2_000_000_000)
-    assert "expired" in (unlandable_reason(_sent(), expired) or "")
-    # used authorization and expiry: it may have landed through one of our hashes -> no verdict here
-    assert unlandable_reason(_sent(), dataclasses.replace(expired, authorization_used=True)) is None
-    mined = dataclasses.replace(consumed, receipts={"0xa": Receipt("0xa", 1, 5)})
-    assert unlandable_reason(_sent(), mined) is None
+def test_a_stored_call_decodes_back() -> None:
+    key = "0x" + "11" * 32
+    signed = sign_tx(key, chain_id=1, nonce=3, to="0x" + "22" * 20, data=b"\x01\x02", gas=50_000,
+                     fees=Fees(10, 1), value=5)
+    assert decode_call(signed.raw) == ("0x" + "22" * 20, 5, b"\x01\x02")
 
 
 def test_signer_never_shows_its_key() -> None:
