@@ -54,9 +54,11 @@ def summary_markdown(m: QueueMetrics, t: Thresholds, alerts: list[Alert],
         "",
     ]
     if signers:
-        lines += ["| signer | gas balance | nonce mined / pending / local | drift |", "| --- | --- | --- | --- |"]
-        lines += [f"| {s.address} | {s.balance_wei / 1e18:.6f} | {s.mined_nonce} / {s.pending_nonce} / "
-                  f"{'-' if s.local_nonce is None else s.local_nonce} | {s.drift} |" for s in signers]
+        lines += ["| wallet | gas balance | nonce mined / pending / local | drift | held at fee cap |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {s.address}{'' if s.configured else ' (not configured)'} | {s.balance_wei / 1e18:.6f} | "
+                  f"{s.mined_nonce} / {s.pending_nonce} / {'-' if s.local_nonce is None else s.local_nonce} | "
+                  f"{s.drift} | {s.capped} |" for s in signers]
         lines.append("")
     if chart_png:
         lines += [f"![recent window](data:image/png;base64,{base64.b64encode(chart_png).decode()})", ""]

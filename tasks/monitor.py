@@ -140,6 +140,8 @@ class SignerHealth:
     mined_nonce: int
     pending_nonce: int
     local_nonce: int | None  # the pipeline's counter; None before the signer's first batch
+    configured: bool = True  # this process holds its key (a removed signer is still watched)
+    capped: int = 0  # open nonces whose latest attempt is held at max_fee_per_gas_cap
 
     @property
     def drift(self) -> int:
@@ -149,23 +151,34 @@ class SignerHealth:
 
 
 def read_signer_health(p: Pipeline) -> list[SignerHealth]:
-    """Gas balance and nonces of every signer: one JSON-RPC batch and one query."""
+    """Gas balance, nonces and fee-cap holds of every wallet: configured signers, the minter, and any
+    wallet that ever sent (a signer removed from the configuration stays watched). One JSON-RPC batch,
+    two queries."""
+    configured = [s.address for s in p.signers] + ([p.minter.address] if p.minter is not None else [])
+    with p.engine.connect() as conn:
+        local = {str(s): int(n) for s, n in conn.execute(
+            text("SELECT signer, next_nonce FROM signer_nonces WHERE chain_id = :c"), {"c": p.chain_id})}
+    wallets = configured + sorted(set(local) - set(configured))
     calls: list[tuple[str, Any]] = []
-    for s in p.signers:
-        calls += [("eth_getBalance", [s.address, "latest"]), ("eth_getTransactionCount", [s.address, "latest"]),
-                  ("eth_getTransactionCount", [s.address, "pending"])]
+    for w in wallets:
+        calls += [("eth_getBalance", [w, "latest"]), ("eth_getTransactionCount", [w, "latest"]),
+                  ("eth_getTransactionCount", [w, "pending"])]
     answers = rpc_batch(p.w3, calls)
     bad = next((a for a in answers if not a.ok), None)
     if bad is not None:
         raise RpcError(f"signer lookup failed: {bad.message}")
+    mined = [to_int(answers[3 * i + 1].result) for i in range(len(wallets))]
     with p.engine.connect() as conn:
-        local = {str(s): int(n) for s, n in conn.execute(
-            text("SELECT signer, next_nonce FROM signer_nonces WHERE chain_id = :c"), {"c": p.chain_id})}
+        capped = {str(w): int(n) for w, n in conn.execute(text(
+            "SELECT t.signer, count(DISTINCT t.nonce) FROM payment_transactions t "
+            "JOIN unnest(CAST(:w AS text[]), CAST(:m AS bigint[])) AS o(wallet, mined) "
+            "ON t.signer = o.wallet AND t.nonce >= o.mined "
+            "WHERE t.chain_id = :c AND t.fee_capped GROUP BY t.signer"), {"c": p.chain_id, "w": wallets, "m": mined})}
     return [
-        SignerHealth(address=s.address, balance_wei=to_int(answers[3 * i].result),
-                     mined_nonce=to_int(answers[3 * i + 1].result), pending_nonce=to_int(answers[3 * i + 2].result),
-                     local_nonce=local.get(s.address))
-        for i, s in enumerate(p.signers)
+        SignerHealth(address=w, balance_wei=to_int(answers[3 * i].result), mined_nonce=mined[i],
+                     pending_nonce=to_int(answers[3 * i + 2].result), local_nonce=local.get(w),
+                     configured=w in configured, capped=capped.get(w, 0))
+        for i, w in enumerate(wallets)
     ]
 
 
@@ -200,6 +213,17 @@ def evaluate_alerts(m: QueueMetrics, t: Thresholds, signers: list[SignerHealth] 
                             f"queue depth has not decreased over {t.queue_trend_samples} runs "
                             f"({', '.join(map(str, depths[-t.queue_trend_samples:]))})"))
     for s in signers or []:
+        if s.capped:
+            alerts.append(Alert(f"fee_cap:{s.address}", f"wallet {s.address}: {s.capped} transaction(s) held at "
+                                                         "max_fee_per_gas_cap and not mined; raise the cap or wait "
+                                                         "for base fees to fall"))
+        if not s.configured and s.local_nonce is not None and s.local_nonce > s.mined_nonce:
+            alerts.append(Alert(f"unkeyed:{s.address}", f"wallet {s.address} is no longer configured but has "
+                                                         f"{s.local_nonce - s.mined_nonce} open nonce(s): its stored "
+                                                         "transactions are re-sent, never re-priced; configure its key "
+                                                         "until they are mined"))
+        if not s.configured:
+            continue  # a removed wallet needs no gas and its drift is its open nonces
         if s.balance_wei < t.min_gas_balance_wei:
             alerts.append(Alert(f"gas_low:{s.address}",
                                 f"signer {s.address} holds {s.balance_wei / 1e18:.6f} native tokens for gas "

@@ -9,6 +9,7 @@ from sqlalchemy import Engine, text
 from flows.monitor import summary_markdown
 from payments.db import fetch_all, transaction
 from tasks.monitor import QueueMetrics, Thresholds, compute_metrics, evaluate_alerts, read_thresholds
+from tests.helpers import claim_checks
 from tests.test_db import _attach, _claim, _queue
 
 ZERO = "0x" + "0" * 64
@@ -34,8 +35,10 @@ def _seed(engine: Engine) -> None:
             conn.execute(text("UPDATE payment_queue SET processed_at = created_at + make_interval(secs => :t) "
                               "WHERE id = :i"), {"t": took, "i": pid})
     with transaction(engine, "confirm") as conn:
-        fetch_all(conn, "complete_payments", ids=done, blocks=[1, 1, 1], hashes=[ZERO] * 3)
-        fetch_all(conn, "fail_confirmation", ids=[failed], errors=["reverted"], blocks=[2])
+        claim_checks(conn, [*done, failed], "confirm")
+        fetch_all(conn, "complete_payments", ids=done, blocks=[1, 1, 1], hashes=[ZERO] * 3, block_hashes=[ZERO] * 3,
+                  owner="confirm")
+        fetch_all(conn, "fail_confirmation", ids=[failed], errors=["expired"], blocks=[2], owner="confirm")
 
 
 def test_metrics_have_the_known_answers(engine: Engine) -> None:
@@ -112,6 +115,11 @@ def test_gas_and_nonce_rules() -> None:
     assert [a.key for a in evaluate_alerts(HEALTHY, t, [elsewhere])] == ["nonce_drift:0xa"]
     fresh = dataclasses.replace(ok, local_nonce=None, pending_nonce=50)
     assert fresh.drift == 0
+    held = dataclasses.replace(ok, capped=1)
+    assert [a.key for a in evaluate_alerts(HEALTHY, t, [held])] == ["fee_cap:0xa"]
+    removed = dataclasses.replace(ok, configured=False, balance_wei=0, local_nonce=9)
+    assert [a.key for a in evaluate_alerts(HEALTHY, t, [removed])] == ["unkeyed:0xa"]
+    assert evaluate_alerts(HEALTHY, t, [dataclasses.replace(removed, mined_nonce=9)]) == []
 
 
 def test_alert_state_opens_once_reminds_and_resolves(engine: Engine) -> None:
