@@ -216,9 +216,10 @@ RETURNING p.id
 -- The authorization was used by a transaction we did not sign before ours was signed: `sent` with that
 -- transaction, so the confirm stage completes it (with depth) like any other settlement.
 UPDATE payment_queue p
-SET status = 'sent', tx_hash = v.tx_hash, sent_at = now(), processed_at = now(), lease_owner = NULL,
-    lease_expires_at = NULL, error = v.note, updated_at = now()
-FROM unnest(CAST(:ids AS text[]), CAST(:hashes AS text[]), CAST(:notes AS text[])) AS v(id, tx_hash, note)
+SET status = 'sent', tx_hash = v.tx_hash, sent_block = v.block, sent_at = now(), processed_at = now(),
+    lease_owner = NULL, lease_expires_at = NULL, error = v.note, updated_at = now()
+FROM unnest(CAST(:ids AS text[]), CAST(:hashes AS text[]), CAST(:blocks AS bigint[]), CAST(:notes AS text[]))
+     AS v(id, tx_hash, block, note)
 WHERE p.id = v.id AND p.status = 'processing' AND p.lease_owner = :owner AND p.tx_hash IS NULL
 RETURNING p.id
 
@@ -582,8 +583,8 @@ ORDER BY m.id LIMIT :limit
 UPDATE mint_queue SET status = 'released', tx_hash = NULL, tx_nonce = NULL, minter = NULL, error = NULL,
                       lease_owner = NULL, lease_expires_at = NULL
 WHERE id = ANY(CAST(:ids AS bigint[])) AND status = 'failed'
-  AND (tx_nonce IS NULL OR EXISTS (SELECT 1 FROM txm_nonces n WHERE n.wallet = mint_queue.minter
-                                   AND n.nonce = mint_queue.tx_nonce))
+  AND (tx_nonce IS NULL OR EXISTS (SELECT 1 FROM txm_nonces n WHERE n.chain_id = :chain_id
+                                   AND n.wallet = mint_queue.minter AND n.nonce = mint_queue.tx_nonce))
 RETURNING id
 
 -- failed_mint_count --

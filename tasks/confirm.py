@@ -149,7 +149,8 @@ def read_facts(p: Pipeline, payments: list[CheckedPayment], settings: PipelineSe
         raise RpcError(f"settlement lookup failed: {bad.message if bad else 'no head block'}")
     head_block = answers[0].result
     head, head_time = to_int(head_block["number"]), to_int(head_block["timestamp"])
-    used_now = {pay.id: to_int(a.result or "0x0") != 0 for pay, a in zip(payments, answers[1:], strict=False)}
+    states = answers[1:1 + len(payments)]
+    used_now = {pay.id: to_int(a.result or "0x0") != 0 for pay, a in zip(payments, states, strict=True)}
     events: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     for token, a in zip(by_token, answers[1 + len(payments):], strict=True):
         for ev in a.result or []:

@@ -367,7 +367,7 @@ def retry_failed_mints(p: Pipeline, f: Filters, *, dry_run: bool, actor: str) ->
     moved = safe
     if safe and not dry_run:
         with transaction(p.engine, actor) as conn:
-            moved = [x["id"] for x in fetch_all(conn, "retry_failed_mints", ids=safe)]
+            moved = [x["id"] for x in fetch_all(conn, "retry_failed_mints", ids=safe, chain_id=p.chain_id)]
     by_id = {r["id"]: r for r in rows}
     actions += [Action(by_id[i]["payment_id"], "retry_mint", _done(dry_run) if i in moved else UNCHANGED,
                        f"mint {i}: {by_id[i]['error']}") for i in safe]

@@ -186,19 +186,20 @@ def settled_elsewhere(p: Pipeline, owner: str, payments: list[ClaimedPayment], h
     calls: list[tuple[str, Any]] = [("eth_getLogs", [{"address": token, "topics": topics, "toBlock": "latest",
                                                       "fromBlock": hex(max(head - AUTHORIZATION_LOOKBACK_BLOCKS, 0))}])
                                     for token in sorted({q.token for q in payments})]
-    found: dict[tuple[str, str], str] = {}
+    found: dict[tuple[str, str], tuple[str, int]] = {}
     for answer in rpc_batch(p.w3, calls):
         if not answer.ok:
             return []  # unknown: they fail as simulated; recheck-confirmation-failed can still find them
         for ev in answer.result or []:
-            found[("0x" + str(ev["topics"][1])[-40:].lower(), str(ev["topics"][2]).lower())] = \
-                str(ev["transactionHash"]).lower()
+            found[("0x" + str(ev["topics"][1])[-40:].lower(), str(ev["topics"][2]).lower())] = (
+                str(ev["transactionHash"]).lower(), to_int(ev["blockNumber"]))
     hits = [(q.id, found[(q.payer, q.auth_nonce)]) for q in payments if (q.payer, q.auth_nonce) in found]
     if not hits:
         return []
     with transaction(p.engine, owner) as conn:
-        rows = fetch_all(conn, "mark_sent_foreign", owner=owner, ids=[h[0] for h in hits], hashes=[h[1] for h in hits],
-                         notes=[f"authorization already used on chain by {h[1]}" for h in hits])
+        rows = fetch_all(conn, "mark_sent_foreign", owner=owner, ids=[h[0] for h in hits],
+                         hashes=[h[1][0] for h in hits], blocks=[h[1][1] for h in hits],
+                         notes=[f"authorization already used on chain by {h[1][0]}" for h in hits])
     return [r["id"] for r in rows]
 
 
