@@ -1,6 +1,8 @@
 """`confirm-payments`: the seed's confirmation loop (every 2 s, up to 20 sent payments per pass), as a
-Prefect flow that ticks for `confirm_run_seconds` and then ends. A pass that found a full batch is
-followed at once by the next, so a backlog of sent payments does not wait 2 s per 20."""
+Prefect flow that ticks for `confirm_run_seconds` and then ends. Each pass decides claimed payments
+from the chain (tasks/confirm.py), then tends every wallet's nonces (payments/txm.py). A pass that
+found a full batch and moved some of it is followed at once by the next, so a backlog of sent payments
+does not wait 2 s per 20."""
 
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ def confirm_payments(
     run_seconds: Annotated[int | None, Field(ge=0, le=3600)] = None,
     max_ticks: Annotated[int | None, Field(ge=1, le=100_000)] = None,
 ) -> dict[str, int]:
-    """Apply receipts to sent payments for `run_seconds` (default: system_settings.confirm_run_seconds)."""
+    """Decide sent payments from the chain and tend every wallet for `run_seconds` (default:
+    system_settings.confirm_run_seconds)."""
     p = Pipeline.from_env()
     settings = p.settings()
     window = settings.confirm_run_seconds if run_seconds is None else run_seconds
@@ -32,7 +35,8 @@ def confirm_payments(
         report = confirm_tick_task(p, actor, settings)
         add_counts(total, report)
         # a full pass that made progress: more receipts are waiting, check them at once
-        return report.checked >= settings.confirmation_batch_size and report.completed + report.confirmation_failed > 0
+        moved = report.completed + report.released + report.confirmation_failed + report.requeued + report.reorged
+        return report.checked >= settings.confirmation_batch_size and moved > 0
 
     tick_loop(p.settings, window, lambda s: s.confirmation_interval_ms, tick, max_ticks)
     return counts(total)

@@ -27,7 +27,16 @@ FAST = PipelineSettings(payment_batch_size=100, confirmation_batch_size=100, con
 
 
 def _send(p: Pipeline, settings: PipelineSettings = FAST, lane: int = 0) -> Any:
-    return send_lane_tick(p, p.signers[lane], new_owner_id("test-send"), settings)
+    """One send tick; with automine on, returns once the chain has mined what it sent (automine can lag
+    on a busy machine: tests wait for the chain state they need, never assume it)."""
+    report = send_lane_tick(p, p.signers[lane], new_owner_id("test-send"), settings)
+    if p.w3.provider.make_request("anvil_getAutomine", [])["result"]:  # type: ignore[arg-type]
+        address = p.w3.to_checksum_address(p.signers[lane].address)
+        deadline = time.monotonic() + 30
+        while p.w3.eth.get_transaction_count(address, "latest") < p.w3.eth.get_transaction_count(address, "pending"):
+            assert time.monotonic() < deadline, "automine did not mine the sent transactions"
+            time.sleep(0.05)
+    return report
 
 
 def _confirm(p: Pipeline, settings: PipelineSettings = FAST) -> Any:
