@@ -84,6 +84,17 @@ def rpc_batch(w3: Web3, calls: Sequence[tuple[str, Sequence[Any]]], chunk: int =
     return out
 
 
+LOG_CHUNK_BLOCKS = 2_000  # many providers cap eth_getLogs ranges; stay under the common limits
+
+
+def log_queries(address: str, topics: list[Any], from_block: int, to_block: int,
+                chunk: int = LOG_CHUNK_BLOCKS) -> list[tuple[str, list[Any]]]:
+    """eth_getLogs calls covering [from_block, to_block] in ranges of at most `chunk` blocks."""
+    return [("eth_getLogs", [{"address": address, "topics": topics, "fromBlock": hex(start),
+                              "toBlock": hex(min(start + chunk - 1, to_block))}])
+            for start in range(max(from_block, 0), to_block + 1, chunk)]
+
+
 # --------------------------------------------------------------------------- error classification
 
 

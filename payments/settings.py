@@ -27,7 +27,7 @@ class PipelineSettings:
     confirm_run_seconds: int = 25
     mint_batch_size: int = 50
     mint_gas_limit: int = 200_000
-    mint_confirmation_depth: int = 3
+    mint_confirmation_depth: int = 4
     fee_bump_after_blocks: int = 3
     max_fee_per_gas_cap: int = 500 * 10**9
     finality_depth: int = 12

@@ -248,10 +248,17 @@ class TxManager:
     def tend_all(self, settings: PipelineSettings, actor: str, wallets: list[str] | None = None) -> TendReport:
         report = TendReport()
         head = self.read_head()
+        failure: Exception | None = None
         for wallet in wallets if wallets is not None else self.wallets():
-            with self.tend_lock(wallet) as mine:
-                if mine:
-                    self.tend(wallet, head, settings, actor, report)
+            try:  # one wallet's failure (an RPC error) does not keep the others untended
+                with self.tend_lock(wallet) as mine:
+                    if mine:
+                        self.tend(wallet, head, settings, actor, report)
+            except Exception as exc:
+                log.warning("tending %s failed: %s", wallet, exc)
+                failure = failure or exc
+        if failure is not None:
+            raise failure
         return report
 
     @contextmanager
@@ -299,8 +306,10 @@ class TxManager:
     def tend(self, wallet: str, head: ChainHead, settings: PipelineSettings, actor: str, report: TendReport) -> None:
         """Record consumed nonces' outcomes, then give every open nonce what it needs (call under tend_lock)."""
         report.wallets += 1
+        # Outcomes are recorded once the nonce is consumed mint_confirmation_depth deep (decisions that
+        # re-send a payment or fail a mint rest on them).
         deep = rpc_batch(self.w3, [("eth_getTransactionCount",
-                                    [wallet, hex(max(head.number - settings.confirmation_depth + 1, 0))])])[0]
+                                    [wallet, hex(max(head.number - settings.mint_depth + 1, 0))])])[0]
         if not deep.ok:
             raise RpcError(f"nonce lookup failed for {wallet}: {deep.message}")
         self._record_outcomes(wallet, to_int(deep.result), actor, report)
@@ -309,6 +318,7 @@ class TxManager:
             return
         report.open_nonces += high - mined
         resend: list[str] = []
+        resend_payments: dict[str, str] = {}  # re-sent hash -> its payment (a `processing` one becomes sent)
         signed: list[tuple[SignedTx, TxKind, str | None, int | None, bool]] = []
         for nonce in range(mined, high):
             n = latest.get(nonce)
@@ -317,12 +327,16 @@ class TxManager:
                 continue
             if action is NonceAction.REBROADCAST and n is not None:
                 resend.append(n.tx_hash)
+                if n.payment_id is not None and n.kind in (TxKind.SETTLEMENT, TxKind.REPLACEMENT):
+                    resend_payments[n.tx_hash] = n.payment_id
                 continue
             key = self.keys.get(wallet)
             if key is None:  # a wallet removed from the configuration: watched, its stored bytes re-sent
                 report.unkeyed += 1
                 if n is not None:
                     resend.append(n.tx_hash)
+                    if n.payment_id is not None and n.kind in (TxKind.SETTLEMENT, TxKind.REPLACEMENT):
+                        resend_payments[n.tx_hash] = n.payment_id
                 continue
             replacement = self._replacement(key, nonce, n, action, head, settings)
             if replacement is None:
@@ -350,7 +364,9 @@ class TxManager:
         report.rebroadcast += sum(1 for h in resend if h in results and broadcast_accepted(results[h]))
         accepted_payments = [pid for tx, kind, pid, _, _ in signed if kind is TxKind.REPLACEMENT and pid is not None
                              and tx.tx_hash in results and broadcast_accepted(results[tx.tx_hash])]
-        if accepted_payments:  # a refused first attempt, now accepted at new fees: the payment is sent
+        accepted_payments += [pid for h, pid in resend_payments.items()
+                              if h in results and broadcast_accepted(results[h])]
+        if accepted_payments:  # accepted by the node (a re-priced or re-sent attempt): a `processing` payment is sent
             with transaction(self.engine, actor) as conn:
                 fetch_all(conn, "mark_sent", ids=accepted_payments)
 

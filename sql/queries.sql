@@ -44,7 +44,7 @@ SET status = 'processing', signer = :signer, lease_owner = :owner,
 FROM claimable
 WHERE p.id = claimable.id AND p.status = 'pending'
 RETURNING p.id, p.token, p.payer, p.pay_to, p.amount, p.valid_after, p.valid_before, p.auth_nonce, p.signature,
-          p.created_at
+          p.created_at, EXISTS (SELECT 1 FROM payment_transactions t WHERE t.payment_id = p.id) AS signed_before
 
 -- claim_unbroadcast_payments --
 -- Signed and persisted by a run that died before it wrote `sent`: the same bytes get re-broadcast.
@@ -62,13 +62,15 @@ WHERE p.id = orphaned.id
 RETURNING p.id, p.tx_nonce, p.tx_hash
 
 -- fail_processing_payments --
--- Simulation proved the settlement would revert: nothing was signed, no nonce spent.
+-- Simulation proved the settlement would revert: nothing was signed, no nonce spent. Only for payments we
+-- never signed a transaction for: otherwise its calldata is public and could still be settled by anyone.
 WITH failed AS (
     UPDATE payment_queue p
     SET status = 'failed', error = v.error, processed_at = now(), lease_owner = NULL, lease_expires_at = NULL,
         updated_at = now()
     FROM unnest(CAST(:ids AS text[]), CAST(:errors AS text[])) AS v(id, error)
     WHERE p.id = v.id AND p.status = 'processing' AND p.lease_owner = :owner AND p.tx_hash IS NULL
+      AND NOT EXISTS (SELECT 1 FROM payment_transactions t WHERE t.payment_id = p.id)
     RETURNING p.id
 ), cancelled AS (
     UPDATE mint_queue m SET status = 'cancelled', cancelled_at = now()
@@ -212,14 +214,15 @@ FROM unnest(CAST(:ids AS text[]), CAST(:errors AS text[])) AS v(id, error)
 WHERE p.id = v.id AND p.status = 'sent' AND p.check_owner = :owner
 RETURNING p.id
 
--- mark_sent_foreign --
--- The authorization was used by a transaction we did not sign before ours was signed: `sent` with that
--- transaction, so the confirm stage completes it (with depth) like any other settlement.
+-- hand_over_to_confirm --
+-- Simulation says the authorization is already used or cancelled (someone else's transaction, mined or
+-- still pending), or it reverts for a payment whose calldata we already made public: nothing is signed
+-- and the confirm stage decides from the chain (completed if it is used with the transfer, settled again
+-- if it is unused and valid, confirmation_failed once expired or cancelled) - never `failed` here.
 UPDATE payment_queue p
-SET status = 'sent', tx_hash = v.tx_hash, sent_block = v.block, sent_at = now(), processed_at = now(),
-    lease_owner = NULL, lease_expires_at = NULL, error = v.note, updated_at = now()
-FROM unnest(CAST(:ids AS text[]), CAST(:hashes AS text[]), CAST(:blocks AS bigint[]), CAST(:notes AS text[]))
-     AS v(id, tx_hash, block, note)
+SET status = 'sent', sent_block = NULL, sent_at = now(), processed_at = now(), lease_owner = NULL,
+    lease_expires_at = NULL, error = v.error, updated_at = now()
+FROM unnest(CAST(:ids AS text[]), CAST(:errors AS text[])) AS v(id, error)
 WHERE p.id = v.id AND p.status = 'processing' AND p.lease_owner = :owner AND p.tx_hash IS NULL
 RETURNING p.id
 
@@ -324,8 +327,9 @@ WHERE id = ANY(CAST(:ids AS text[])) AND status = 'processing' AND tx_hash IS NU
 RETURNING id
 
 -- recover_completed_payments --
--- recheck_confirmation_failed: the chain shows the payment did land; its mint rows come back from
--- cancelled and are released, once, by the statement that moves the payment.
+-- recheck_confirmation_failed: the chain shows the payment did land (a failed or confirmation_failed
+-- payment whose authorization someone used after all); its mint rows come back from cancelled and are
+-- released, once, by the statement that moves the payment.
 WITH done AS (
     UPDATE payment_queue p
     SET status = 'completed', confirmed_at = now(), final_at = now(), block_number = v.block_number,
@@ -333,7 +337,7 @@ WITH done AS (
     FROM unnest(CAST(:ids AS text[]), CAST(:blocks AS bigint[]), CAST(:block_hashes AS text[]),
                 CAST(:hashes AS text[]), CAST(:notes AS text[]))
          AS v(id, block_number, block_hash, tx_hash, note)
-    WHERE p.id = v.id AND p.status = 'confirmation_failed'
+    WHERE p.id = v.id AND p.status IN ('confirmation_failed', 'failed')
     RETURNING p.id
 ), released AS (
     UPDATE mint_queue m SET status = 'released', released_at = now(), cancelled_at = NULL

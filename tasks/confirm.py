@@ -25,7 +25,7 @@ from eth_utils.crypto import keccak
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from payments.chain import authorization_state_data, rpc_batch, to_int
+from payments.chain import authorization_state_data, log_queries, rpc_batch, to_int
 from payments.db import fetch_all, query, transaction
 from payments.errors import RpcError
 from payments.settings import PipelineSettings
@@ -35,6 +35,7 @@ from tasks.common import Pipeline, retry_on_rpc_error, run_logger
 AUTHORIZATION_USED_TOPIC = "0x" + keccak(text="AuthorizationUsed(address,bytes32)").hex()
 AUTHORIZATION_CANCELED_TOPIC = "0x" + keccak(text="AuthorizationCanceled(address,bytes32)").hex()
 LOG_LOOKBACK_BLOCKS = 16  # searched below the head at signing time (a settlement cannot land earlier)
+AUTHORIZATION_LOOKBACK_BLOCKS = 50_000  # searched when nothing narrower is known
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,17 @@ class CheckedPayment:
     sent_block: int | None
     nonce_final: bool = False  # the nonce of our transaction was consumed at depth (txm_nonces)
     attempts: int = 1
+    tx_nonce: int | None = 0  # None: no transaction of ours (handed over by the send stage)
+    age_seconds: float = 0.0  # since it became `sent`
 
     @classmethod
     def from_row(cls, r: dict[str, Any]) -> CheckedPayment:
         return cls(id=r["id"], status=r["status"], token=r["token"], payer=r["payer"], auth_nonce=r["auth_nonce"],
                    valid_before=int(r["valid_before"]), signer=r["signer"], block_hash=r["block_hash"],
                    sent_block=None if r["sent_block"] is None else int(r["sent_block"]),
-                   nonce_final=bool(r.get("nonce_final")), attempts=int(r.get("attempts") or 1))
+                   nonce_final=bool(r.get("nonce_final")), attempts=int(r.get("attempts") or 1),
+                   tx_nonce=None if r.get("tx_nonce") is None else int(r["tx_nonce"]),
+                   age_seconds=float(r.get("age_seconds") or 0.0))
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class Facts:
     cancelled: bool  # an AuthorizationCanceled event
     expired_final: bool  # unused at the block finality_depth below the head, whose time is past validBefore
     expired_now: bool = False  # the head's time is past validBefore
+    known: bool = True  # False: a lookup failed for this payment; nothing is decided from it
 
 
 class Outcome(StrEnum):
@@ -92,6 +98,8 @@ MAX_SETTLEMENT_ATTEMPTS = 5
 
 def decide(pay: CheckedPayment, facts: Facts, head: int, settings: PipelineSettings) -> tuple[Outcome, str]:
     """What one claimed payment's chain facts prove. Pure: every rule has a unit test."""
+    if not facts.known:
+        return Outcome.WAIT, "chain facts unavailable (lookup failed); retried next pass"
     s = facts.settlement
     if s is not None:
         depth = head - s.block_number + 1
@@ -108,6 +116,8 @@ def decide(pay: CheckedPayment, facts: Facts, head: int, settings: PipelineSetti
             return Outcome.RELEASE, f"settlement {depth} blocks deep"
         return Outcome.WAIT, f"settlement {depth} of {settings.mint_depth} blocks deep before mints"
     if pay.status == "completed":
+        if facts.used_now:  # used at the head, its event not returned this time: not a reorg
+            return Outcome.WAIT, "authorization used; its event not returned by this lookup"
         return Outcome.STEP_BACK, "reorg: the settlement is no longer on chain"
     if facts.used_now:
         if facts.cancelled:
@@ -116,9 +126,13 @@ def decide(pay: CheckedPayment, facts: Facts, head: int, settings: PipelineSetti
     if facts.expired_final:
         return Outcome.FAIL, (f"authorization expired unused (validBefore {pay.valid_before}) at a block "
                               f"{settings.finality_depth} deep; it can never transfer funds")
-    if pay.nonce_final and not facts.expired_now:
+    if (pay.nonce_final or pay.tx_nonce is None) and not facts.expired_now:
         if pay.attempts >= MAX_SETTLEMENT_ATTEMPTS:
-            return Outcome.WAIT, f"nonce consumed without settling, {pay.attempts} attempts: waiting for expiry"
+            return Outcome.WAIT, f"not settled after {pay.attempts} attempts: waiting for expiry"
+        if pay.tx_nonce is None:
+            if pay.age_seconds < settings.rebroadcast_after_seconds:  # someone else's may still be pending
+                return Outcome.WAIT, "handed over without a transaction of ours; waiting for someone else's"
+            return Outcome.RETRY, "no transaction of ours and the authorization is unused: settling it"
         return Outcome.RETRY, "our transaction's nonce was consumed without settling; settling again"
     return Outcome.WAIT, "not settled yet"
 
@@ -127,60 +141,100 @@ def _topic_address(address: str) -> str:
     return "0x" + "0" * 24 + address.lower().removeprefix("0x")
 
 
+def _flag(result: Any) -> bool | None:
+    """A bool returned by eth_call; None for an answer that is not one (no code at the address, a proxy
+    without the function, a broken node): unknown, never a verdict."""
+    if not isinstance(result, str) or not result.startswith("0x") or len(result) != 66:
+        return None
+    try:
+        return int(result, 16) != 0
+    except ValueError:
+        return None
+
+
+def _events(p: Pipeline, groups: dict[str, list[CheckedPayment]], starts: dict[str, int], head: int
+            ) -> tuple[dict[tuple[str, str, str, str], dict[str, Any]], set[str]]:
+    """Authorization events of these payments per token, searched in chunks up to the head. Returns the
+    events by (topic, token, payer, nonce) and the ids whose search failed (unknown)."""
+    calls: list[tuple[str, Any]] = []
+    owners: list[str] = []
+    for token, group in groups.items():
+        topics = [[AUTHORIZATION_USED_TOPIC, AUTHORIZATION_CANCELED_TOPIC],
+                  sorted({_topic_address(q.payer) for q in group}), sorted({q.auth_nonce for q in group})]
+        for query_ in log_queries(token, topics, starts[token], head):
+            calls.append(query_)
+            owners.append(token)
+    answers = rpc_batch(p.w3, calls) if calls else []
+    events: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    failed: set[str] = set()
+    for token, a in zip(owners, answers, strict=True):
+        if not a.ok or not isinstance(a.result, list):
+            failed.add(token)
+            continue
+        for ev in a.result:
+            found = [str(t).lower() for t in ev.get("topics", [])]
+            if ev.get("removed") or len(found) < 3:
+                continue
+            events[(found[0], token, "0x" + found[1][-40:], found[2])] = ev
+    return events, {q.id for t in failed for q in groups[t]}
+
+
 def read_facts(p: Pipeline, payments: list[CheckedPayment], settings: PipelineSettings) -> tuple[int, dict[str, Facts]]:
-    """Head, authorization states and the authorization events of these payments, in two RPC batches."""
+    """Head, authorization states and the authorization events of these payments. A lookup that fails
+    for one payment (or one token) makes only those facts unknown: they wait, the rest go on."""
     if not payments:
         return 0, {}
-    by_token: dict[str, list[CheckedPayment]] = {}
-    for pay in payments:
-        by_token.setdefault(pay.token, []).append(pay)
     calls: list[tuple[str, Any]] = [("eth_getBlockByNumber", ["latest", False])]
     calls += [("eth_call", [{"to": pay.token, "data": "0x" + authorization_state_data(pay.payer, pay.auth_nonce).hex()},
                             "latest"]) for pay in payments]
-    starts = {t: min(max((q.sent_block or 0) - LOG_LOOKBACK_BLOCKS, 0) for q in group) for t, group in by_token.items()}
-    calls += [("eth_getLogs", [{"address": token, "fromBlock": hex(starts[token]), "toBlock": "latest",
-                                "topics": [[AUTHORIZATION_USED_TOPIC, AUTHORIZATION_CANCELED_TOPIC],
-                                           sorted({_topic_address(q.payer) for q in group}),
-                                           sorted({q.auth_nonce for q in group})]}])
-              for token, group in by_token.items()]
     answers = rpc_batch(p.w3, calls)
-    bad = next((a for a in answers if not a.ok), None)
-    if bad is not None or not answers[0].result:
-        raise RpcError(f"settlement lookup failed: {bad.message if bad else 'no head block'}")
-    head_block = answers[0].result
-    head, head_time = to_int(head_block["number"]), to_int(head_block["timestamp"])
-    states = answers[1:1 + len(payments)]
-    used_now = {pay.id: to_int(a.result or "0x0") != 0 for pay, a in zip(payments, states, strict=True)}
-    events: dict[tuple[str, str, str, str], dict[str, Any]] = {}
-    for token, a in zip(by_token, answers[1 + len(payments):], strict=True):
-        for ev in a.result or []:
-            if ev.get("removed"):
-                continue
-            topics = [str(t).lower() for t in ev["topics"]]
-            events[(topics[0], token, "0x" + topics[1][-40:], topics[2])] = ev
-    # Expiry proof, only for payments that are unused and past validBefore at the head.
+    if not answers[0].ok or not answers[0].result:
+        raise RpcError(f"head lookup failed: {answers[0].message or 'no head block'}")
+    head, head_time = to_int(answers[0].result["number"]), to_int(answers[0].result["timestamp"])
+    used_now = {pay.id: _flag(a.result) if a.ok else None for pay, a in zip(payments, answers[1:], strict=True)}
+    wide = max(head - AUTHORIZATION_LOOKBACK_BLOCKS, 0)
+    groups: dict[str, list[CheckedPayment]] = {}
+    for pay in payments:
+        groups.setdefault(pay.token, []).append(pay)
+    starts = {t: min((max(q.sent_block - LOG_LOOKBACK_BLOCKS, 0) if q.sent_block is not None else wide) for q in g)
+              for t, g in groups.items()}
+    events, unknown = _events(p, groups, starts, head)
+
+    def key(q: CheckedPayment) -> tuple[str, str, str]:
+        return q.token, q.payer.lower(), q.auth_nonce.lower()
+
+    # Used, but its event was not in the narrow window (e.g. the node that gave sent_block lagged): search wide.
+    missing = [q for q in payments if used_now[q.id] and q.id not in unknown and q.sent_block is not None
+               and (AUTHORIZATION_USED_TOPIC, *key(q)) not in events
+               and (AUTHORIZATION_CANCELED_TOPIC, *key(q)) not in events]
+    if missing:
+        again: dict[str, list[CheckedPayment]] = {}
+        for q in missing:
+            again.setdefault(q.token, []).append(q)
+        more, failed = _events(p, again, {t: wide for t in again}, head)
+        events.update(more)
+        unknown |= failed
     final_block = max(head - settings.finality_depth + 1, 0)
-    late = [pay for pay in payments if not used_now[pay.id] and head_time >= pay.valid_before]
-    expired_final: set[str] = set()
-    if late:
-        more = rpc_batch(p.w3, [("eth_getBlockByNumber", [hex(final_block), False])] + [
-            ("eth_call", [{"to": q.token, "data": "0x" + authorization_state_data(q.payer, q.auth_nonce).hex()},
-                          hex(final_block)]) for q in late])
-        bad = next((a for a in more if not a.ok), None)
-        if bad is not None or not more[0].result:
-            raise RpcError(f"finality lookup failed: {bad.message if bad else 'no block'}")
-        final_time = to_int(more[0].result["timestamp"])
-        expired_final = {q.id for q, a in zip(late, more[1:], strict=True)
-                         if final_time >= q.valid_before and to_int(a.result or "0x0") == 0}
+    final_time: int | None = None
+    if any(used_now[q.id] is False and head_time >= q.valid_before for q in payments):
+        header = rpc_batch(p.w3, [("eth_getBlockByNumber", [hex(final_block), False])])[0]
+        if header.ok and header.result:
+            final_time = to_int(header.result["timestamp"])
     facts: dict[str, Facts] = {}
     for pay in payments:
-        key = (pay.token, pay.payer.lower(), pay.auth_nonce.lower())
-        used = events.get((AUTHORIZATION_USED_TOPIC, *key))
+        state = used_now[pay.id]
+        if state is None or pay.id in unknown:
+            facts[pay.id] = Facts(used_now=False, settlement=None, cancelled=False, expired_final=False, known=False)
+            continue
+        used = events.get((AUTHORIZATION_USED_TOPIC, *key(pay)))
         settlement = None if used is None else Settlement(
             str(used["transactionHash"]).lower(), to_int(used["blockNumber"]), str(used["blockHash"]).lower())
-        facts[pay.id] = Facts(used_now=used_now[pay.id], settlement=settlement,
-                              cancelled=(AUTHORIZATION_CANCELED_TOPIC, *key) in events,
-                              expired_final=pay.id in expired_final, expired_now=head_time >= pay.valid_before)
+        # Unused at the head, and the block finality_depth deep is already past validBefore: no later block
+        # can use it (every later block is later still), and that block will not be reorged away.
+        expired_final = not state and final_time is not None and final_time >= pay.valid_before
+        facts[pay.id] = Facts(used_now=state, settlement=settlement,
+                              cancelled=(AUTHORIZATION_CANCELED_TOPIC, *key(pay)) in events,
+                              expired_final=expired_final, expired_now=head_time >= pay.valid_before)
     return head, facts
 
 
@@ -298,8 +352,10 @@ def add_tend(report: ConfirmReport, tend: TendReport) -> None:
 def confirm_tick(p: Pipeline, actor: str, settings: PipelineSettings) -> ConfirmReport:
     """Payments first (outcomes from the chain), then the nonce health of every wallet."""
     report = ConfirmReport()
-    confirm_payments_once(p, actor, settings, report)
-    add_tend(report, p.txm().tend_all(settings, actor))
+    try:
+        confirm_payments_once(p, actor, settings, report)
+    finally:  # nonce health runs whatever happened to the payments' pass
+        add_tend(report, p.txm().tend_all(settings, actor))
     log = run_logger()
     if report.checked:
         log.info("Checked %d pending confirmations", report.checked)

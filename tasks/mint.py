@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from payments.chain import (
     fees_from,
     is_execution_reverted,
+    log_queries,
     mint_id_for,
     mint_once_calldata,
     revert_reason,
@@ -41,6 +42,7 @@ from payments.txm import TxManager, first_fees, persist_attempts
 from tasks.common import Pipeline, retry_on_rpc_error, run_logger
 
 MINT_ID_USED_TOPIC = "0x" + keccak(text="MintIdUsed(bytes32,address,uint256)").hex()
+MINT_LOOKBACK_BLOCKS = 50_000  # searched for a mint id used before any attempt of ours was recorded
 ALREADY_USED = "mint id already used"
 _SUPPORT: dict[tuple[int, str], bool] = {}
 
@@ -147,42 +149,62 @@ class MintFound:
     block_hash: str
 
 
-def find_mints(p: Pipeline, rows: list[dict[str, Any]]) -> tuple[int, dict[int, MintFound]]:
+def find_mints(p: Pipeline, rows: list[dict[str, Any]]) -> tuple[int, dict[int, MintFound], set[int]]:
     """Where the chain has each row minted now: its MintIdUsed event (keyed rows), or a successful receipt
-    of one of our attempts (rows of tokens without mintOnce)."""
+    of one of our attempts (rows of tokens without mintOnce). Returns the head, what was found, and the
+    rows whose lookup failed (unknown: decided on a later pass, the others go on)."""
+    head_answer = rpc_batch(p.w3, [("eth_blockNumber", [])])[0]
+    if not head_answer.ok:
+        raise RpcError(f"head lookup failed: {head_answer.message}")
+    head = to_int(head_answer.result)
     keyed = [r for r in rows if r["mint_key"]]
     plain_hashes = [h for r in rows if not r["mint_key"] for h in r["hashes"]]
-    calls: list[tuple[str, Any]] = [("eth_blockNumber", [])]
-    tokens = sorted({r["mint_token"] for r in keyed})
-    for token in tokens:
+    calls: list[tuple[str, Any]] = []
+    owners: list[str] = []
+    for token in sorted({r["mint_token"] for r in keyed}):
         group = [r for r in keyed if r["mint_token"] == token]
-        start = min((int(r["first_block"]) - 16 if r["first_block"] is not None else 0) for r in group)
-        calls.append(("eth_getLogs", [{"address": token, "fromBlock": hex(max(start, 0)), "toBlock": "latest",
-                                       "topics": [MINT_ID_USED_TOPIC, sorted({r["mint_key"] for r in group})]}]))
+        start = min((int(r["first_block"]) - 16 if r["first_block"] is not None
+                     else head - MINT_LOOKBACK_BLOCKS) for r in group)
+        for call in log_queries(token, [MINT_ID_USED_TOPIC, sorted({r["mint_key"] for r in group})], start, head):
+            calls.append(call)
+            owners.append(token)
     calls += [("eth_getTransactionReceipt", [h]) for h in plain_hashes]
-    answers = rpc_batch(p.w3, calls)
-    bad = next((a for a in answers if not a.ok), None)
-    if bad is not None:
-        raise RpcError(f"mint lookup failed: {bad.message}")
-    head = to_int(answers[0].result)
+    answers = rpc_batch(p.w3, calls) if calls else []
     by_key: dict[tuple[str, str], MintFound] = {}
-    for token, a in zip(tokens, answers[1:1 + len(tokens)], strict=True):
-        for ev in a.result or []:
-            if not ev.get("removed"):
+    failed_tokens: set[str] = set()
+    for token, a in zip(owners, answers[:len(owners)], strict=True):
+        if not a.ok or not isinstance(a.result, list):
+            failed_tokens.add(token)
+            continue
+        for ev in a.result:
+            if not ev.get("removed") and len(ev.get("topics", [])) >= 2:
                 by_key[(token, str(ev["topics"][1]).lower())] = MintFound(
                     str(ev["transactionHash"]).lower(), to_int(ev["blockNumber"]), str(ev["blockHash"]).lower())
-    receipts = {h: a.result for h, a in zip(plain_hashes, answers[1 + len(tokens):], strict=True) if a.result}
+    receipts: dict[str, Any] = {}
+    failed_hashes: set[str] = set()
+    for h, a in zip(plain_hashes, answers[len(owners):], strict=True):
+        if not a.ok:
+            failed_hashes.add(h)
+        elif a.result:
+            receipts[h] = a.result
     found: dict[int, MintFound] = {}
+    unknown: set[int] = set()
     for r in rows:
         if r["mint_key"]:
+            if r["mint_token"] in failed_tokens:
+                unknown.add(int(r["id"]))
+                continue
             hit = by_key.get((r["mint_token"], r["mint_key"]))
         else:
+            if failed_hashes & set(r["hashes"]):
+                unknown.add(int(r["id"]))
+                continue
             ok = next((receipts[h] for h in r["hashes"] if h in receipts and to_int(receipts[h]["status"]) == 1), None)
             hit = None if ok is None else MintFound(str(ok["transactionHash"]).lower(), to_int(ok["blockNumber"]),
                                                     str(ok["blockHash"]).lower())
         if hit is not None:
             found[int(r["id"])] = hit
-    return head, found
+    return head, found, unknown
 
 
 def confirm_mints(p: Pipeline, actor: str, settings: PipelineSettings, limit: int, report: MintReport) -> None:
@@ -190,13 +212,13 @@ def confirm_mints(p: Pipeline, actor: str, settings: PipelineSettings, limit: in
         rows = fetch_all(conn, "load_minting", chain_id=p.chain_id, limit=limit)
     if not rows:
         return
-    head, found = find_mints(p, rows)
+    head, found, unknown = find_mints(p, rows)
     done = [(int(r["id"]), found[int(r["id"])]) for r in rows if int(r["id"]) in found
-            and head - found[int(r["id"])].block_number + 1 >= settings.confirmation_depth]
+            and head - found[int(r["id"])].block_number + 1 >= settings.mint_depth]
     failed: dict[int, str] = {}
     for r in rows:
-        if int(r["id"]) in found or not r["nonce_final"] or r["tx_nonce"] is None:
-            continue  # minted, or an attempt could still be mined: the transaction manager gets it mined
+        if int(r["id"]) in found or int(r["id"]) in unknown or not r["nonce_final"] or r["tx_nonce"] is None:
+            continue  # minted, unknown, or an attempt could still be mined: the transaction manager gets it mined
         if r["mined_hash"] in r["hashes"]:
             failed[int(r["id"])] = f"mint transaction {r['mined_hash']} reverted"
         else:
@@ -218,11 +240,15 @@ def mint_tick(p: Pipeline, minter: Signer, owner: str, settings: PipelineSetting
     """Send what is released, apply what the chain shows minted, and tend the minter's nonces (re-send,
     re-price, fill)."""
     report = MintReport()
-    send_mints(p, minter, owner, settings, report)
-    confirm_mints(p, owner, settings, max(settings.mint_batch_size, settings.confirmation_batch_size), report)
-    tend = TxManager(p.engine, p.w3, p.chain_id, [minter]).tend_all(settings, owner, [minter.address])
-    report.rebroadcast += tend.rebroadcast
-    report.replaced += tend.bumped + tend.cancelled + tend.filled
+    try:
+        try:
+            send_mints(p, minter, owner, settings, report)
+        finally:  # what was sent before is confirmed whatever happened to this batch
+            confirm_mints(p, owner, settings, max(settings.mint_batch_size, settings.confirmation_batch_size), report)
+    finally:  # and the minter's nonces are tended whatever happened to both
+        tend = TxManager(p.engine, p.w3, p.chain_id, [minter]).tend_all(settings, owner, [minter.address])
+        report.rebroadcast += tend.rebroadcast
+        report.replaced += tend.bumped + tend.cancelled + tend.filled
     return report
 
 

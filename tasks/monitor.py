@@ -170,10 +170,12 @@ def read_signer_health(p: Pipeline) -> list[SignerHealth]:
     mined = [to_int(answers[3 * i + 1].result) for i in range(len(wallets))]
     with p.engine.connect() as conn:
         capped = {str(w): int(n) for w, n in conn.execute(text(
-            "SELECT t.signer, count(DISTINCT t.nonce) FROM payment_transactions t "
-            "JOIN unnest(CAST(:w AS text[]), CAST(:m AS bigint[])) AS o(wallet, mined) "
-            "ON t.signer = o.wallet AND t.nonce >= o.mined "
-            "WHERE t.chain_id = :c AND t.fee_capped GROUP BY t.signer"), {"c": p.chain_id, "w": wallets, "m": mined})}
+            "SELECT signer, count(*) FILTER (WHERE fee_capped) FROM ("
+            " SELECT DISTINCT ON (t.signer, t.nonce) t.signer, t.fee_capped FROM payment_transactions t"
+            " JOIN unnest(CAST(:w AS text[]), CAST(:m AS bigint[])) AS o(wallet, mined)"
+            " ON t.signer = o.wallet AND t.nonce >= o.mined"
+            " WHERE t.chain_id = :c ORDER BY t.signer, t.nonce, t.id DESC) latest GROUP BY signer"),
+            {"c": p.chain_id, "w": wallets, "m": mined})}
     return [
         SignerHealth(address=w, balance_wei=to_int(answers[3 * i].result), mined_nonce=mined[i],
                      pending_nonce=to_int(answers[3 * i + 2].result), local_nonce=local.get(w),

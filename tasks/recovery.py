@@ -135,10 +135,10 @@ def reset_stuck_payments(p: Pipeline, f: Filters, settings: PipelineSettings, *,
 
 def recheck_confirmation_failed(p: Pipeline, f: Filters, settings: PipelineSettings, *, dry_run: bool,
                                 actor: str) -> list[Action]:
-    """confirmation_failed payments whose authorization the chain shows used after all (through one of our
-    transactions or anyone else's) become `completed`, once mint_confirmation_depth deep, and their mint
-    rows are released once."""
-    rows = candidates(p, ["confirmation_failed"], f)
+    """confirmation_failed and failed payments whose authorization the chain shows used after all (through
+    one of our transactions or anyone else's) become `completed`, once mint_confirmation_depth deep, and
+    their mint rows are released once."""
+    rows = candidates(p, ["confirmation_failed", "failed"], f)
     if not rows:
         return []
     pays = [CheckedPayment.from_row(r) for r in rows]

@@ -35,7 +35,6 @@ from payments.settings import PipelineSettings
 from payments.statuses import TxKind
 from payments.txm import first_fees, persist_attempts, record_broadcasts
 from tasks.common import Pipeline, chunked, retry_on_rpc_error, run_logger
-from tasks.confirm import AUTHORIZATION_USED_TOPIC
 
 BROADCAST_CHUNK = 500
 
@@ -51,6 +50,7 @@ class ClaimedPayment:
     valid_before: int
     auth_nonce: str
     signature: str
+    signed_before: bool = False  # a transaction was signed for it before (a settlement that did not settle)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ClaimedPayment:
@@ -64,6 +64,7 @@ class ClaimedPayment:
             valid_before=int(row["valid_before"]),
             auth_nonce=row["auth_nonce"],
             signature=row["signature"],
+            signed_before=bool(row.get("signed_before")),
         )
 
     def calldata(self) -> bytes:
@@ -82,7 +83,7 @@ class SendReport:
     sent: int = 0
     resumed: int = 0
     not_accepted: int = 0
-    settled_elsewhere: int = 0
+    handed_over: int = 0
 
 
 # --------------------------------------------------------------------------- claims
@@ -172,34 +173,17 @@ def release_processing_payments(p: Pipeline, owner: str, ids: list[str], error: 
 
 
 USED_OR_CANCELED = failure_code("used or canceled")
-AUTHORIZATION_LOOKBACK_BLOCKS = 50_000
 
 
-def settled_elsewhere(p: Pipeline, owner: str, payments: list[ClaimedPayment], head: int) -> list[str]:
-    """Authorizations already used on chain before we signed anything (someone else submitted them): the
-    merchant was paid. Such payments become `sent` with that transaction, for the confirm stage to
-    complete at depth - never `failed`. Returns their ids; a cancelled authorization stays a failure."""
-    if not payments:
-        return []
-    topics = [[AUTHORIZATION_USED_TOPIC], sorted({"0x" + "0" * 24 + q.payer[2:] for q in payments}),
-              sorted({q.auth_nonce for q in payments})]
-    calls: list[tuple[str, Any]] = [("eth_getLogs", [{"address": token, "topics": topics, "toBlock": "latest",
-                                                      "fromBlock": hex(max(head - AUTHORIZATION_LOOKBACK_BLOCKS, 0))}])
-                                    for token in sorted({q.token for q in payments})]
-    found: dict[tuple[str, str], tuple[str, int]] = {}
-    for answer in rpc_batch(p.w3, calls):
-        if not answer.ok:
-            return []  # unknown: they fail as simulated; recheck-confirmation-failed can still find them
-        for ev in answer.result or []:
-            found[("0x" + str(ev["topics"][1])[-40:].lower(), str(ev["topics"][2]).lower())] = (
-                str(ev["transactionHash"]).lower(), to_int(ev["blockNumber"]))
-    hits = [(q.id, found[(q.payer, q.auth_nonce)]) for q in payments if (q.payer, q.auth_nonce) in found]
-    if not hits:
+def hand_over_to_confirm(p: Pipeline, owner: str, reasons: dict[str, str]) -> list[str]:
+    """Payments the send stage must not fail (the authorization is already used or cancelled by someone
+    else's transaction, or we signed for it before and its calldata is public): `sent` without a new
+    transaction, for the confirm stage to decide from the chain."""
+    if not reasons:
         return []
     with transaction(p.engine, owner) as conn:
-        rows = fetch_all(conn, "mark_sent_foreign", owner=owner, ids=[h[0] for h in hits],
-                         hashes=[h[1][0] for h in hits], blocks=[h[1][1] for h in hits],
-                         notes=[f"authorization already used on chain by {h[1][0]}" for h in hits])
+        rows = fetch_all(conn, "hand_over_to_confirm", owner=owner, ids=list(reasons),
+                         errors=[why[:500] for why in reasons.values()])
     return [r["id"] for r in rows]
 
 
@@ -304,10 +288,10 @@ def prepare_lane_batch(
     except RpcError as exc:
         report.released += len(release_processing_payments(p, owner, [c.id for c in claimed], str(exc)[:500]))
         raise
-    used = {pid: why for pid, why in sim.rejected.items() if why.startswith(USED_OR_CANCELED)}
-    elsewhere = settled_elsewhere(p, owner, [c for c in claimed if c.id in used], sim.head)
-    report.settled_elsewhere += len(elsewhere)
-    failed = fail_processing_payments(p, owner, {k: v for k, v in sim.rejected.items() if k not in elsewhere})
+    signed_before = {c.id for c in claimed if c.signed_before}
+    handed = {pid: why for pid, why in sim.rejected.items() if why.startswith(USED_OR_CANCELED) or pid in signed_before}
+    report.handed_over += len(hand_over_to_confirm(p, owner, handed))
+    failed = fail_processing_payments(p, owner, {k: v for k, v in sim.rejected.items() if k not in handed})
     report.failed += len(failed)
     log = run_logger()
     for pid in failed:

@@ -209,8 +209,11 @@ def test_confirmation_failure_cancels_mint_rows(engine: Engine) -> None:
 def test_constraints_tie_columns_to_statuses(engine: Engine) -> None:
     (pid,) = _queue(engine)
     bad_updates = [
-        "UPDATE payment_queue SET status = 'sent', sent_at = now(), processed_at = now() WHERE id = :i",
+        "UPDATE payment_queue SET status = 'sent' WHERE id = :i",  # sent needs sent_at and processed_at
         "UPDATE payment_queue SET status = 'completed' WHERE id = :i",
+        "UPDATE payment_queue SET status = 'completed', confirmed_at = now(), block_number = 1, sent_at = now(), "
+        "processed_at = now() WHERE id = :i",  # completed names the transaction that settled it
+        "UPDATE payment_queue SET final_at = now() WHERE id = :i",  # final only when completed
         f"UPDATE payment_queue SET tx_hash = '0x{'1' * 64}', tx_nonce = 1, signer = '{SIGNER}' WHERE id = :i",
         "UPDATE payment_queue SET status = 'processing' WHERE id = :i",
         "UPDATE payment_queue SET status = 'refunded' WHERE id = :i",

@@ -604,3 +604,49 @@ def test_two_runs_bumping_the_same_payment_do_not_crash(
     _drive(_settled(engine, pid), _pipeline_step(pipeline, chain, settings))
     assert _status(engine, pid) == "completed"
     assert balance(chain, chain.merchant) == merchant + PRICE
+
+
+# =========================================================================== found in review
+
+
+def test_a_settlement_someone_else_has_pending_is_handed_over_not_failed(pipeline: Pipeline, chain: Deployment) -> None:
+    """The payer (or anyone) broadcasts the same transferWithAuthorization first; our simulation against
+    the pending state reverts "used or canceled" while that transaction is not mined yet. The payment
+    must not become `failed` (the merchant is about to be paid): the confirm stage completes it."""
+    engine, settings = pipeline.engine, _settings(confirmation_depth=1, mint_confirmation_depth=1)
+    rpc(chain, "evm_setAutomine", [False])
+    before = balance(chain, chain.merchant)
+    auth = authorize(chain, chain.buyers[3])
+    pid = queue(engine, chain, auth)
+    raw = bytes.fromhex(auth.signature[2:])
+    data = chain.payment_contract().functions.transferWithAuthorization(
+        Web3.to_checksum_address(auth.payer), Web3.to_checksum_address(auth.pay_to), auth.value, auth.valid_after,
+        auth.valid_before, bytes.fromhex(auth.nonce[2:]), raw[64], raw[:32], raw[32:64])._encode_transaction_data()
+    _send_from(chain, dev_account(9), chain.payment_token, bytes.fromhex(data[2:]))
+    report = _send(pipeline, settings)
+    assert (report.failed, report.handed_over, report.signed) == (0, 1, 0)
+    assert _status(engine, pid) == "sent"
+    _mine(chain)
+    confirm_tick(pipeline, "t", settings)
+    row = payment(engine, pid)
+    assert row["status"] == "completed" and row["tx_nonce"] is None  # settled by a transaction we never signed
+    assert _mint_row(engine, pid).status == "released"
+    assert balance(chain, chain.merchant) == before + PRICE
+
+
+def test_one_payment_whose_lookups_fail_does_not_stop_the_others(pipeline: Pipeline, chain: Deployment) -> None:
+    """A payment whose token answers nothing sensible (no code at the address) waits alone: the healthy
+    payment in the same pass completes and the wallets are still tended."""
+    engine, settings = pipeline.engine, _settings(confirmation_depth=1, mint_confirmation_depth=1)
+    good = queue(engine, chain, authorize(chain, chain.buyers[0]))
+    assert _send(pipeline, settings).sent == 1
+    _mine(chain)
+    poisoned = queue(engine, chain, authorize(chain, chain.buyers[1]))
+    with engine.begin() as conn:  # as if it had been sent against a token that is not there
+        conn.execute(text("UPDATE payment_queue SET status = 'sent', token = :t, signer = :s, tx_nonce = 99, "
+                          "tx_hash = :h, sent_at = now(), processed_at = now(), lease_owner = NULL, "
+                          "lease_expires_at = NULL WHERE id = :i"),
+                     {"t": "0x" + "de" * 20, "s": pipeline.signers[1].address, "h": "0x" + "ab" * 32, "i": poisoned})
+    report = confirm_tick(pipeline, "t", settings)
+    assert _status(engine, good) == "completed" and _status(engine, poisoned) == "sent"
+    assert report.completed == 1 and report.waiting == 1

@@ -93,7 +93,7 @@ def test_simulation_failures_are_failed_without_spending_a_nonce(pipeline: Pipel
     ids = {name: queue(pipeline.engine, chain, auth) for name, auth in cases.items()}
     good = queue(pipeline.engine, chain, authorize(chain, chain.buyers[2]))
     report = _send(pipeline)
-    assert (report.failed, report.settled_elsewhere, report.sent) == (3, 1, 1)
+    assert (report.failed, report.handed_over, report.sent) == (3, 1, 1)
     expected = {
         "expired": "invalid_exact_evm_payload_authorization_valid_before",
         "forged": "invalid_exact_evm_payload_signature",
@@ -103,21 +103,23 @@ def test_simulation_failures_are_failed_without_spending_a_nonce(pipeline: Pipel
         row = payment(pipeline.engine, pid)
         assert row["tx_nonce"] is None
         if name == "used":  # someone else settled it: the merchant was paid, so it is not a failure
-            assert row["status"] == "sent" and row["tx_hash"] is not None, row
+            assert row["status"] == "sent" and row["tx_hash"] is None, row  # the confirm stage decides
             continue
         assert row["status"] == "failed" and row["error"].startswith(expected[name]), row["error"]
         assert row["tx_hash"] is None
     assert payment(pipeline.engine, good)["tx_nonce"] == 0  # the failures took no nonce
     assert mint_statuses(pipeline.engine) == {"cancelled": 3, "waiting": 2}
     _confirm(pipeline)
-    assert payment(pipeline.engine, ids["used"])["status"] == "completed"
+    settled = payment(pipeline.engine, ids["used"])
+    assert settled["status"] == "completed" and settled["tx_hash"] is not None  # the transaction that paid
     assert mint_statuses(pipeline.engine) == {"cancelled": 3, "released": 2}
 
 
 def test_an_on_chain_revert_is_not_proof_the_payment_failed(pipeline: Pipeline, chain: Deployment) -> None:
     buyer = chain.buyers[3]  # 1,000 tokens: enough for either payment, not for both
     first = queue(pipeline.engine, chain, authorize(chain, buyer, value=600 * 10**6))
-    second = queue(pipeline.engine, chain, authorize(chain, buyer, value=600 * 10**6))
+    second = queue(pipeline.engine, chain, authorize(chain, buyer, value=600 * 10**6,
+                                                     valid_before=chain_time(chain) + 120))
     assert _send(pipeline).sent == 2  # both simulate fine before either is mined
     report = _confirm(pipeline)
     assert (report.completed, report.confirmation_failed) == (1, 0)
@@ -125,9 +127,15 @@ def test_an_on_chain_revert_is_not_proof_the_payment_failed(pipeline: Pipeline, 
     assert payment(pipeline.engine, second)["status"] == "sent"  # reverted, but its authorization is unused
     assert _confirm(pipeline).requeued == 1  # our nonce is spent: settle again under a new one
     assert payment(pipeline.engine, second)["status"] == "pending"
-    assert _send(pipeline).failed == 1  # and now the simulation proves it cannot succeed
+    # The simulation now reverts, but its calldata is public (anyone could still submit it while the
+    # buyer's balance allows): not `failed` - the confirm stage waits for proof from the chain.
+    assert _send(pipeline).handed_over == 1
+    assert payment(pipeline.engine, second)["status"] == "sent"
+    rpc(chain, "evm_increaseTime", [300])
+    rpc(chain, "evm_mine", [])
+    assert _confirm(pipeline).confirmation_failed == 1  # expired unused: proven
     failed = payment(pipeline.engine, second)
-    assert failed["status"] == "failed" and "exceeds balance" in failed["error"]
+    assert failed["status"] == "confirmation_failed" and "expired" in failed["error"]
     assert mint_statuses(pipeline.engine) == {"released": 1, "cancelled": 1}
 
 

@@ -162,7 +162,7 @@ def test_requeue_failed_only_when_safe(pipeline: Pipeline, chain: Deployment) ->
     used = queue(engine, chain, used_auth)
     _settle_directly(chain, used_auth)
     report = _send(pipeline)
-    assert (report.failed, report.settled_elsewhere) == (2, 1)  # paid by someone else's transaction: not failed
+    assert (report.failed, report.handed_over) == (2, 1)  # paid by someone else's transaction: not failed
     signed = queue(engine, chain, authorize(chain, chain.buyers[2]))
     _send(pipeline)
     with transaction(engine, "t") as conn:  # a payment with a broadcast tx, rolled back by an operator

@@ -48,7 +48,7 @@ ALTER TABLE mint_queue
     ADD COLUMN checked_at timestamptz;
 
 INSERT INTO system_settings (key, value, description) VALUES
-    ('mint_confirmation_depth', '3', 'Blocks on top of a settlement (including its own) before its mints are released; >= confirmation_depth'),
+    ('mint_confirmation_depth', '4', 'Blocks on top of a settlement (including its own) before its mints are released; >= confirmation_depth'),
     ('fee_bump_after_blocks', '3', 'Blocks without inclusion after which a transaction is replaced with higher fees'),
     ('max_fee_per_gas_cap', '500000000000', 'No replacement pays more than this max fee per gas (wei); an alert fires when a transaction is held at it'),
     ('finality_depth', '12', 'Blocks after which an expired, unused authorization counts as final (confirmation_failed)')
@@ -66,7 +66,40 @@ ALTER TABLE payment_queue ADD CONSTRAINT payment_queue_final_completed CHECK (fi
 CREATE INDEX idx_payment_queue_unsettled ON payment_queue (chain_id, checked_at NULLS FIRST)
     WHERE status = 'sent' OR (status = 'completed' AND final_at IS NULL);
 
--- A payment's transaction may be one we did not sign (a front-runner settled the authorization first):
--- then it has the transaction hash and no nonce of ours.
+-- A payment's transaction may be one we did not sign (someone else settled the authorization first): then
+-- it has that transaction's hash and no nonce of ours - or, while `sent` (handed to the confirm stage
+-- because the authorization was already used), no transaction yet. `completed` always names the
+-- transaction that settled it.
 ALTER TABLE payment_queue DROP CONSTRAINT payment_queue_tx_pair;
 ALTER TABLE payment_queue ADD CONSTRAINT payment_queue_tx_pair CHECK (tx_nonce IS NULL OR tx_hash IS NOT NULL);
+ALTER TABLE payment_queue DROP CONSTRAINT payment_queue_broadcast_has_tx;
+ALTER TABLE payment_queue ADD CONSTRAINT payment_queue_broadcast_has_tx
+    CHECK (status NOT IN ('sent', 'completed', 'confirmation_failed') OR (sent_at IS NOT NULL AND processed_at IS NOT NULL));
+ALTER TABLE payment_queue ADD CONSTRAINT payment_queue_completed_tx CHECK (status <> 'completed' OR tx_hash IS NOT NULL);
+
+-- payment.completed webhooks go out when the payment is final (its mints released), not at the first
+-- depth a reorg could still undo; failures as before, on the status change.
+CREATE OR REPLACE FUNCTION payment_queue_webhooks() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO webhook_deliveries (endpoint_id, payment_id, event, payload)
+    SELECT DISTINCT ON (e.id, n.id)
+           e.id, n.id,
+           CASE WHEN n.status = 'completed' THEN 'payment.completed' ELSE 'payment.failed' END,
+           jsonb_build_object(
+               'type', CASE WHEN n.status = 'completed' THEN 'payment.completed' ELSE 'payment.failed' END,
+               'created', extract(epoch FROM now())::bigint,
+               'data', jsonb_build_object('paymentId', n.id, 'status', n.status, 'product', p.id,
+                                          'payer', n.payer, 'payTo', n.pay_to, 'asset', n.token,
+                                          'amount', n.amount::text, 'transaction', n.tx_hash,
+                                          'blockNumber', n.block_number, 'error', n.error,
+                                          'chainId', n.chain_id))
+    FROM new_rows n
+    JOIN old_rows o ON o.id = n.id
+    JOIN mint_queue m ON m.payment_id = n.id
+    JOIN mint_products p ON p.mint_token = m.mint_token AND p.chain_id = n.chain_id
+    JOIN webhook_endpoints e ON e.product_id = p.id AND e.active
+    WHERE (n.status = 'completed' AND n.final_at IS NOT NULL AND o.final_at IS NULL)
+       OR (n.status IN ('failed', 'confirmation_failed') AND o.status IS DISTINCT FROM n.status)
+    ON CONFLICT (endpoint_id, payment_id, event) DO NOTHING;
+    RETURN NULL;
+END $$;
