@@ -25,7 +25,7 @@ SERVER_TUNING = {
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_READ_BATCH_SIZE": "50",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+    "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
 }
 
 
@@ -70,6 +70,10 @@ def start_prefect_server(database_url: str, *, timeout: float = 90) -> PrefectSe
     env["PREFECT_HOME"] = str(prefect_home())
     env["PREFECT_API_DATABASE_CONNECTION_URL"] = asyncpg_url(database_url)
     env.pop("PREFECT_API_URL", None)
+    # The UI asks the server for its API address; without these it points the browser at port 4200 (the
+    # default), which is not this server - "Can't connect to Server API", or someone else's server.
+    env["PREFECT_UI_API_URL"] = f"http://127.0.0.1:{port}/api"
+    env["PREFECT_SERVER_API_PORT"] = str(port)
     log_path = DATA_DIR / "prefect-server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(

@@ -204,6 +204,14 @@ def test_alert_opens_reminds_and_resolves_through_a_prefect_automation(
         receiver.stop()
 
 
+def test_the_ui_is_told_to_reach_its_own_server(prefect_api: str) -> None:
+    import requests
+
+    ui = prefect_api.removesuffix("/api")
+    settings = requests.get(f"{ui}/ui-settings", timeout=10).json()
+    assert settings["api_url"] == prefect_api  # not the default http://127.0.0.1:4200/api
+
+
 def test_prefect_yaml_deploys_to_a_work_pool(prefect_api: str) -> None:
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PAYMENTS_CODE_DIR": str(REPO_ROOT)}
     prefect = [sys.executable, "-m", "prefect"]
