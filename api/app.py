@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
+from api.hardening import MAX_BODY_BYTES, BodyLimitMiddleware, restore_recursion_limit
 from api.x402 import ERR_MALFORMED, Offer, PaymentRejected, Verifier, decode_payment, settlement_header
 from payments.config import require_env
 from payments.db import engine_for, fetch_all, query, transaction
@@ -33,9 +34,9 @@ from payments.settings import write_setting
 from payments.statuses import PaymentStatus
 from tasks.monitor import compute_metrics, read_thresholds
 
+restore_recursion_limit()  # after the imports above: py_ecc (through eth-account) raised it to 100,000
+
 log = logging.getLogger("payments.api")
-MAX_BODY_BYTES = 16 * 1024
-MAX_HEADER_BYTES = 16 * 1024
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"
 
 
@@ -119,18 +120,10 @@ def _error(status: int, error: str, message: str = "", headers: dict[str, str] |
 
 
 def create_app(config: ApiConfig) -> FastAPI:
+    restore_recursion_limit()
     app = FastAPI(title="x402 payment pipeline", version="0.1.0")
+    app.add_middleware(BodyLimitMiddleware, max_body=MAX_BODY_BYTES)
     verifier = Verifier(config.rpc_url, config.verifier_key)
-
-    @app.middleware("http")
-    async def limit_request_size(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return _error(413, "request_too_large", f"bodies are limited to {MAX_BODY_BYTES} bytes")
-        for name in ("payment-signature", "x-payment"):
-            if len(request.headers.get(name, "")) > MAX_HEADER_BYTES:
-                return _error(413, "request_too_large", f"{name} is limited to {MAX_HEADER_BYTES} bytes")
-        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

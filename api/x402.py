@@ -6,6 +6,7 @@ queued and settled by the pipeline, which is the point of the queue."""
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from x402.mechanisms.evm.v1.constants import V1_NETWORK_CHAIN_IDS
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse
 from x402.schemas.v1 import PaymentPayloadV1, PaymentRequiredV1, PaymentRequirementsV1
 
+from api.hardening import MAX_JSON_DEPTH, json_depth
 from payments.eip3009 import Authorization
 
 SCHEME = "exact"
@@ -102,6 +104,12 @@ class VerifiedPayment:
 
 
 def decode_payment(header_value: str) -> PaymentPayload | PaymentPayloadV1:
+    try:
+        raw = base64.b64decode(header_value.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        raw = b""  # not plain base64: the x402 decoder decides
+    if json_depth(raw) > MAX_JSON_DEPTH:  # measured before anything parses it
+        raise PaymentRejected(ERR_MALFORMED, f"the payment payload may nest at most {MAX_JSON_DEPTH} levels")
     try:
         return decode_payment_signature_header(header_value)
     except Exception:

@@ -178,6 +178,49 @@ def test_request_errors_are_4xx_without_internals(api: TestClient) -> None:
     assert nul.status_code == 422 and nul.json()["error"] == "invalid_request"
 
 
+def test_bodies_are_limited_whatever_the_transfer_encoding(api: TestClient) -> None:
+    def chunks(data: bytes, size: int = 1000) -> Iterator[bytes]:
+        yield from (data[i : i + size] for i in range(0, len(data), size))
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for path, method in (("/api/x402-batch-mint", "POST"), ("/api/admin/settings/payment_batch_size", "PUT")):
+        chunked = api.request(method, path, content=chunks(deep), headers={"Content-Type": "application/json"})
+        assert chunked.status_code == 413 and chunked.json()["error"] == "request_too_large", chunked.text
+        assert "content-length" not in chunked.request.headers  # really sent chunked
+        nested = b'{"token": ' + b"[" * 5_000 + b"]" * 5_000 + b"}"
+        assert len(nested) < 16 * 1024
+        deep_small = api.request(method, path, content=chunks(nested), headers={"Content-Type": "application/json"})
+        assert deep_small.status_code == 400 and deep_small.json()["error"] == "json_too_deep", deep_small.text
+    ok_depth = {"token": "demo-mint", "quantity": 1, "recipient": None, "x": [[[[[[[[[[1]]]]]]]]]]}
+    assert api.post("/api/x402-batch-mint", json=ok_depth).status_code == 402
+    header = base64.b64encode(b"[" * 5_000 + b"]" * 5_000).decode()
+    deep_header = _buy(api, header)
+    assert deep_header.status_code < 500 and deep_header.json()["error"] == "invalid_payload"
+
+
+def test_the_api_process_keeps_the_default_recursion_limit() -> None:
+    """py_ecc raises the limit to 100,000 on import; with that, JSON nested 99,000 deep overflows a worker
+    thread's C stack (SIGSEGV, exit -11) instead of raising RecursionError. Checked in a fresh interpreter
+    that imports what the API process imports."""
+    import subprocess
+    import sys
+
+    from payments.config import REPO_ROOT
+
+    script = ("import sys, json, threading\n"
+              "import api.__main__, api.app, api.x402, payments.chain, x402.mechanisms.evm.exact.facilitator\n"
+              "print(sys.getrecursionlimit())\n"
+              "def parse():\n"
+              "    try:\n        json.loads('[' * 99000 + ']' * 99000)\n"
+              "    except RecursionError:\n        print('refused')\n"
+              "worker = threading.Thread(target=parse)\nworker.start()\nworker.join()\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    limit, outcome = result.stdout.split()
+    assert int(limit) <= 1000 and outcome == "refused"
+
+
 def test_status_shows_progress_and_the_settlement_response(api: TestClient, pipeline: Pipeline,
                                                           chain: Deployment) -> None:
     req = _requirements(api)
