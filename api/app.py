@@ -143,7 +143,9 @@ def create_app(config: ApiConfig) -> FastAPI:
     def require_api_key(x_api_key: Annotated[str | None, Header()] = None) -> None:
         if not config.api_key:
             raise HTTPException(403, {"error": "operator_api_disabled", "message": "PAYMENTS_API_KEY is not set"})
-        if not x_api_key or not hmac.compare_digest(x_api_key, config.api_key):
+        # bytes, not str: compare_digest refuses non-ASCII text with a TypeError
+        if not x_api_key or not hmac.compare_digest(x_api_key.encode("utf-8", "surrogatepass"),
+                                                    config.api_key.encode("utf-8", "surrogatepass")):
             raise HTTPException(401, {"error": "unauthorized", "message": "a valid X-API-Key header is required"})
 
     def offer_for(body: MintRequest, request: Request) -> tuple[Offer, dict[str, Any]]:
@@ -178,8 +180,7 @@ def create_app(config: ApiConfig) -> FastAPI:
         try:
             verified = verifier.verify(decode_payment(header), offer)
         except PaymentRejected as rejected:
-            headers, challenge = offer.challenge(rejected.reason)
-            return JSONResponse({**challenge, "error": rejected.reason}, status_code=402, headers=headers)
+            return _rejection(offer, rejected.reason, rejected.message)
         auth = verified.authorization
         recipient = body.recipient or auth.payer
         mint = MintItem(product["mint_token"], recipient, int(product["amount_per_unit"]) * body.quantity)
@@ -191,9 +192,7 @@ def create_app(config: ApiConfig) -> FastAPI:
             return _error(409, "duplicate_authorization", "this authorization was already used for another "
                           "request", paymentId=dup.existing_id)
         except InvalidPaymentError as bad:
-            headers, challenge = offer.challenge(ERR_MALFORMED)
-            return JSONResponse({**challenge, "error": ERR_MALFORMED, "message": bad.message}, status_code=402,
-                                headers=headers)
+            return _rejection(offer, ERR_MALFORMED, bad.message)
         return JSONResponse({"paymentId": payment_id, "status": "pending",
                              "statusUrl": f"{config.public_url}/api/payment/{payment_id}"},
                             status_code=202 if created else 200)
@@ -256,12 +255,16 @@ def create_app(config: ApiConfig) -> FastAPI:
     @app.put("/api/admin/products/{product_id}", dependencies=[Depends(require_api_key)])
     def put_product(product_id: Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")],
                     body: ProductIn) -> Any:
-        with transaction(config.engine, "api-admin") as conn:
-            conn.execute(query("upsert_product"), {
-                "id": product_id, "chain_id": config.chain_id, "mint_token": body.mint_token.lower(),
-                "payment_token": body.payment_token.lower(), "price_per_unit": body.price_per_unit,
-                "amount_per_unit": body.amount_per_unit, "pay_to": body.pay_to.lower(),
-                "max_quantity": body.max_quantity, "active": body.active})
+        try:
+            with transaction(config.engine, "api-admin") as conn:
+                conn.execute(query("upsert_product"), {
+                    "id": product_id, "chain_id": config.chain_id, "mint_token": body.mint_token.lower(),
+                    "payment_token": body.payment_token.lower(), "price_per_unit": body.price_per_unit,
+                    "amount_per_unit": body.amount_per_unit, "pay_to": body.pay_to.lower(),
+                    "max_quantity": body.max_quantity, "active": body.active})
+        except IntegrityError:  # UNIQUE (chain_id, mint_token): one product per mint token
+            raise HTTPException(409, {"error": "mint_token_in_use",
+                                      "message": "another product already sells this mint token"}) from None
         return {"id": product_id, **body.model_dump(), "price_per_unit": str(body.price_per_unit),
                 "amount_per_unit": str(body.amount_per_unit)}
 
@@ -275,6 +278,14 @@ def create_app(config: ApiConfig) -> FastAPI:
         return {"id": endpoint_id, **body.model_dump()}
 
     return app
+
+
+def _rejection(offer: Offer, reason: str, message: str = "") -> JSONResponse:
+    """A refused payment: 400 when the payment header is malformed (a client bug), 402 when it is well
+    formed but not acceptable. Both carry the requirements, so a client can pay again."""
+    headers, challenge = offer.challenge(reason)
+    return JSONResponse({**challenge, "error": reason, "message": message},
+                        status_code=400 if reason == ERR_MALFORMED else 402, headers=headers)
 
 
 def _iso(value: Any) -> str | None:

@@ -7,6 +7,7 @@ queued and settled by the pipeline, which is the point of the queue."""
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,16 +117,47 @@ def decode_payment(header_value: str) -> PaymentPayload | PaymentPayloadV1:
         raise PaymentRejected(ERR_MALFORMED, "payment header is not base64 of an x402 PaymentPayload") from None
 
 
-def _authorization(payload: dict[str, Any]) -> Authorization:
-    try:
-        auth, signature = payload["authorization"], payload["signature"]
-        return Authorization(
-            payer=str(auth["from"]), pay_to=str(auth["to"]), value=int(auth["value"]),
-            valid_after=int(auth["validAfter"]), valid_before=int(auth["validBefore"]), nonce=str(auth["nonce"]),
-            signature=str(signature),
-        )
-    except (KeyError, TypeError, ValueError):
-        raise PaymentRejected(ERR_MALFORMED, "payload.authorization or payload.signature is malformed") from None
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
+_SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
+_UINT = re.compile(r"^[0-9]{1,78}$")
+
+
+def _uint256(value: Any, what: str) -> int:
+    """A uint256 given as a decimal string (x402's form) or a JSON integer; never a float, bool, NaN or
+    Infinity, and never anything that could overflow later."""
+    if isinstance(value, str) and _UINT.match(value):
+        number = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        raise PaymentRejected(ERR_MALFORMED, f"authorization.{what} is not a uint256")
+    if not 0 <= number < 2**256:
+        raise PaymentRejected(ERR_MALFORMED, f"authorization.{what} is not a uint256")
+    return number
+
+
+def _text(value: Any, pattern: re.Pattern[str], what: str) -> str:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise PaymentRejected(ERR_MALFORMED, f"{what} is malformed")
+    return value
+
+
+def _authorization(payload: Any) -> Authorization:
+    """The EIP-3009 authorization of a payload, every field checked for shape and range before anything
+    else (the x402 verifier included) looks at it."""
+    auth = payload.get("authorization") if isinstance(payload, dict) else None
+    if not isinstance(auth, dict):
+        raise PaymentRejected(ERR_MALFORMED, "payload.authorization is missing")
+    return Authorization(
+        payer=_text(auth.get("from"), _ADDRESS, "authorization.from"),
+        pay_to=_text(auth.get("to"), _ADDRESS, "authorization.to"),
+        value=_uint256(auth.get("value"), "value"),
+        valid_after=_uint256(auth.get("validAfter"), "validAfter"),
+        valid_before=_uint256(auth.get("validBefore"), "validBefore"),
+        nonce=_text(auth.get("nonce"), _BYTES32, "authorization.nonce"),
+        signature=_text(payload.get("signature"), _SIGNATURE, "payload.signature"),
+    )
 
 
 class Verifier:

@@ -155,7 +155,7 @@ def test_every_rejection_has_a_reason_and_writes_nothing(api: TestClient, pipeli
         token = "pricey" if reason == "invalid_exact_evm_insufficient_balance" else "demo-mint"
         response = api.post("/api/x402-batch-mint", json={"token": token, "quantity": 1},
                             headers={"PAYMENT-SIGNATURE": header})
-        assert response.status_code == 402, (reason, response.text)
+        assert response.status_code == (400 if reason == "invalid_payload" else 402), (reason, response.text)
         assert response.json()["error"] == reason, (reason, response.json())
         assert "PAYMENT-REQUIRED" in response.headers
     assert _nothing_written(pipeline)
@@ -219,6 +219,39 @@ def test_the_api_process_keeps_the_default_recursion_limit() -> None:
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     limit, outcome = result.stdout.split()
     assert int(limit) <= 1000 and outcome == "refused"
+
+
+def _raw_header(req: PaymentRequirements, auth: Authorization, **fields: Any) -> str:
+    """A payment header whose authorization fields are replaced by raw JSON text (1e400, NaN, ...)."""
+    authorization = auth.as_x402()
+    marks = {name: f"@@{name}@@" for name in fields}
+    payload = {"x402Version": 2, "payload": {"authorization": {**authorization, **marks}, "signature": auth.signature},
+               "accepted": req.model_dump(by_alias=True)}
+    text_ = json.dumps(payload)
+    for name, raw in fields.items():
+        text_ = text_.replace(f'"@@{name}@@"', raw)
+    return base64.b64encode(text_.encode()).decode()
+
+
+def test_absurd_numbers_and_keys_are_4xx(api: TestClient, pipeline: Pipeline, chain: Deployment) -> None:
+    req = _requirements(api)
+    auth = authorize(chain, chain.buyers[0])
+    for field_ in ("value", "validAfter", "validBefore"):
+        for raw in ("1e400", "-1e400", "Infinity", "-Infinity", "NaN", "1.5", "true", '"0x10"', '"1e3"', str(2**256),
+                    "-1", "null", '"\u0661"'):
+            response = _buy(api, _raw_header(req, auth, **{field_: raw}))
+            assert response.status_code == 400, (field_, raw, response.text)
+            assert response.json()["error"] == "invalid_payload" and "PAYMENT-REQUIRED" in response.headers
+    for key in ("é", "\u00ff" * 40, "key\u0080", API_KEY + "é"):
+        refused = api.put("/api/admin/settings/payment_batch_size", json={"value": "50"},
+                          headers={"X-API-Key": key.encode("utf-8")})
+        assert refused.status_code == 401, (key, refused.text)
+    product = {"mint_token": chain.mint_token, "payment_token": chain.payment_token, "price_per_unit": PRICE,
+               "amount_per_unit": 1, "pay_to": chain.merchant}
+    taken = api.put("/api/admin/products/other", headers={"X-API-Key": API_KEY}, json=product)
+    assert taken.status_code == 409 and taken.json()["error"] == "mint_token_in_use", taken.text
+    assert "duplicate key" not in taken.text
+    assert _nothing_written(pipeline)
 
 
 def test_status_shows_progress_and_the_settlement_response(api: TestClient, pipeline: Pipeline,
