@@ -30,7 +30,7 @@ from payments.config import require_env
 from payments.db import engine_for, fetch_all, query, transaction
 from payments.errors import ConfigurationError, DuplicatePaymentError, InvalidPaymentError
 from payments.intake import MintItem, enqueue_payment
-from payments.settings import write_setting
+from payments.settings import REGISTRY, InvalidSettingError, format_value, stored_settings, write_setting
 from payments.statuses import PaymentStatus
 from tasks.monitor import compute_metrics, read_thresholds
 
@@ -243,14 +243,27 @@ def create_app(config: ApiConfig) -> FastAPI:
             "processingTimeP50Seconds": m.processing_time_p50, "processingTimeP95Seconds": m.processing_time_p95,
         }
 
+    @app.get("/api/admin/settings", dependencies=[Depends(require_api_key)])
+    def get_settings() -> Any:
+        """Every setting the registry knows: type, range, default, description and the stored value."""
+        with config.engine.connect() as conn:
+            stored = stored_settings(conn)
+        return {"settings": [{**s.describe(), "value": stored.get(s.name)} for s in REGISTRY.values()]}
+
     @app.put("/api/admin/settings/{key}", dependencies=[Depends(require_api_key)])
     def put_setting(key: Annotated[str, Path(pattern=r"^[a-z][a-z0-9_]{0,62}$")], body: SettingIn) -> Any:
         try:
             with config.engine.begin() as conn:
-                write_setting(conn, key, body.value)
-        except ConfigurationError as bad:
-            raise HTTPException(422, {"error": "invalid_setting", "message": str(bad)}) from None
-        return {"key": key, "value": body.value}
+                value = write_setting(conn, key, body.value)
+        except InvalidSettingError as bad:
+            if bad.setting is None:
+                raise HTTPException(404, {"error": "unknown_setting", "setting": key,
+                                          "message": f"there is no setting named {key}"}) from None
+            s = bad.setting
+            raise HTTPException(422, {"error": "invalid_setting", "setting": key, "type": s.type_name,
+                                      "min": s.low, "max": s.high,
+                                      "message": f"{key} must be {s.range_text}"}) from None
+        return {"key": key, "value": format_value(value)}
 
     @app.put("/api/admin/products/{product_id}", dependencies=[Depends(require_api_key)])
     def put_product(product_id: Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")],

@@ -303,6 +303,27 @@ def test_operator_endpoints_need_the_api_key(api: TestClient) -> None:
     assert secret_in_body.status_code == 422  # secrets are referenced, never stored
 
 
+def test_settings_are_checked_against_the_registry(api: TestClient) -> None:
+    key = {"X-API-Key": API_KEY}
+    for name in ("alert_sent_age_seconds", "alert_confirmation_rate_min", "monitor_window_minutes",
+                 "alert_queue_trend_samples", "webhook_backoff_seconds", "max_open_payments_per_payer"):
+        for value in ("abc", "nan", "0x10", "Infinity", "1e400", "-1", "99999999999"):
+            refused = api.put(f"/api/admin/settings/{name}", json={"value": value}, headers=key)
+            assert refused.status_code == 422, (name, value, refused.text)
+            body = refused.json()
+            assert body["error"] == "invalid_setting" and body["setting"] == name and name in body["message"]
+            assert {"type", "min", "max"} <= set(body) and str(body["max"]) in body["message"]
+        assert api.get("/api/payment-stats").status_code == 200
+    unknown = api.put("/api/admin/settings/no_such_setting", json={"value": "1"}, headers=key)
+    assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_setting"
+    ok = api.put("/api/admin/settings/alert_confirmation_rate_min", json={"value": "0.75"}, headers=key)
+    assert ok.status_code == 200 and ok.json() == {"key": "alert_confirmation_rate_min", "value": "0.75"}
+    listed = {s["name"]: s for s in api.get("/api/admin/settings", headers=key).json()["settings"]}
+    assert listed["alert_confirmation_rate_min"]["value"] == "0.75"
+    assert listed["max_open_payments_per_payer"]["min"] == 1 and listed["payment_batch_size"]["default"] == 10
+    assert api.get("/api/admin/settings").status_code == 401
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.one_of(st.none(), st.dictionaries(st.sampled_from(["token", "quantity", "recipient", "x"]),
                                                  st.one_of(st.none(), st.integers(), st.text(max_size=50),

@@ -1,0 +1,6 @@
+-- Intake hardening: a cap on the payments one payer may have open at once (the settings registry in
+-- payments/settings.py describes every setting; this row makes the table complete).
+INSERT INTO system_settings (key, value, description) VALUES
+    ('max_open_payments_per_payer', '100',
+     'Payments one payer may have pending, processing or sent at once; more are refused at intake')
+ON CONFLICT (key) DO NOTHING;
