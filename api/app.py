@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -22,12 +23,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from api.hardening import MAX_BODY_BYTES, BodyLimitMiddleware, restore_recursion_limit
-from api.x402 import ERR_MALFORMED, Offer, PaymentRejected, Verifier, decode_payment, settlement_header
+from api.x402 import (
+    ERR_MALFORMED,
+    ChainUnavailable,
+    Offer,
+    PaymentRejected,
+    Verifier,
+    decode_payment,
+    settlement_header,
+)
 from payments.config import require_env
-from payments.db import engine_for, fetch_all, query, transaction
+from payments.db import fetch_all, make_engine, query, transaction
 from payments.errors import ConfigurationError, DuplicatePaymentError, InvalidPaymentError
 from payments.intake import MintItem, enqueue_payment
 from payments.settings import REGISTRY, InvalidSettingError, format_value, stored_settings, write_setting
@@ -38,6 +48,8 @@ restore_recursion_limit()  # after the imports above: py_ecc (through eth-accoun
 
 log = logging.getLogger("payments.api")
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"
+DEFAULT_SIMULATION_FROM = "0x000000000000000000000000000000000000dEaD"  # any address: no key behind it
+RETRY_AFTER_SECONDS = "5"
 
 
 @dataclass
@@ -45,7 +57,7 @@ class ApiConfig:
     engine: Engine
     chain_id: int
     rpc_url: str
-    verifier_key: str = field(repr=False)
+    simulation_from: str = DEFAULT_SIMULATION_FROM
     public_url: str = "http://127.0.0.1:8402"
     api_key: str | None = field(default=None, repr=False)
     token_name: str = "USD Coin"
@@ -54,18 +66,22 @@ class ApiConfig:
 
     @classmethod
     def from_env(cls) -> ApiConfig:
+        """DATABASE_URL, RPC_URL, PUBLIC_URL, PAYMENTS_API_KEY and API_SIMULATION_FROM (the address
+        verification simulates from; no key is read: the API holds none)."""
         from web3 import Web3
 
         from payments.chain import artifact
-        from payments.config import load_signers
 
         rpc_url = require_env("RPC_URL")
         w3 = Web3(Web3.HTTPProvider(rpc_url))
-        signers = load_signers()
+        simulation_from = os.environ.get("API_SIMULATION_FROM", "").strip() or DEFAULT_SIMULATION_FROM
+        if not re.fullmatch(ADDRESS, simulation_from):
+            raise ConfigurationError("API_SIMULATION_FROM is not an address")
+        engine = make_engine(require_env("DATABASE_URL"), pool_size=10, connect_timeout=5, pool_timeout=5,
+                             statement_timeout_ms=5000)
         token_name = os.environ.get("PAYMENT_TOKEN_NAME")
         token_version = os.environ.get("PAYMENT_TOKEN_VERSION")
         if not token_name or not token_version:
-            engine = engine_for(require_env("DATABASE_URL"))
             with engine.connect() as conn:
                 row = conn.execute(query("any_payment_token")).first()
             if row is None:
@@ -74,8 +90,7 @@ class ApiConfig:
             token_name = token_name or str(token.functions.name().call())
             token_version = token_version or str(token.functions.version().call())
         return cls(
-            engine=engine_for(require_env("DATABASE_URL")), chain_id=int(w3.eth.chain_id), rpc_url=rpc_url,
-            verifier_key="0x" + bytes(signers[0].account.key).hex(),
+            engine=engine, chain_id=int(w3.eth.chain_id), rpc_url=rpc_url, simulation_from=simulation_from,
             public_url=os.environ.get("PUBLIC_URL", "http://127.0.0.1:8402").rstrip("/"),
             api_key=os.environ.get("PAYMENTS_API_KEY") or None, token_name=token_name, token_version=token_version,
         )
@@ -123,7 +138,7 @@ def create_app(config: ApiConfig) -> FastAPI:
     restore_recursion_limit()
     app = FastAPI(title="x402 payment pipeline", version="0.1.0")
     app.add_middleware(BodyLimitMiddleware, max_body=MAX_BODY_BYTES)
-    verifier = Verifier(config.rpc_url, config.verifier_key)
+    verifier = Verifier(config.rpc_url, config.simulation_from)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -134,6 +149,20 @@ def create_app(config: ApiConfig) -> FastAPI:
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, dict) else {"error": "http_error", "message": str(exc.detail)}
         return JSONResponse(detail, status_code=exc.status_code)
+
+    @app.exception_handler(ChainUnavailable)
+    async def chain_down(request: Request, exc: ChainUnavailable) -> JSONResponse:
+        log.warning("chain node unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return _error(503, "chain_unavailable", "the chain node is not answering; try again later",
+                      headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(PoolTimeout)
+    async def database_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        return _error(503, "database_unavailable", "the payment database is not answering; try again later",
+                      headers={"Retry-After": RETRY_AFTER_SECONDS})
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

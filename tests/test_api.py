@@ -46,8 +46,7 @@ MINT_PER_UNIT = 10**18
 @pytest.fixture
 def api(pipeline: Pipeline, chain: Deployment) -> Iterator[TestClient]:
     config = ApiConfig(engine=pipeline.engine, chain_id=chain.chain_id, rpc_url=chain.rpc_url,
-                       verifier_key="0x" + bytes(chain.signers[0].key).hex(), public_url="http://testserver",
-                       api_key=API_KEY)
+                       public_url="http://testserver", api_key=API_KEY)  # simulates from an address, no key
     client = TestClient(create_app(config), raise_server_exceptions=False)
     response = client.put("/api/admin/products/demo-mint", headers={"X-API-Key": API_KEY}, json={
         "mint_token": chain.mint_token, "payment_token": chain.payment_token, "price_per_unit": PRICE,
@@ -324,6 +323,61 @@ def test_settings_are_checked_against_the_registry(api: TestClient) -> None:
     assert api.get("/api/admin/settings").status_code == 401
 
 
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_api_verifies_without_a_private_key(api: TestClient, chain: Deployment, embedded_db_url: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import fields
+
+    from api.x402 import Verifier
+
+    assert not [f.name for f in fields(ApiConfig) if "key" in f.name and f.name != "api_key"]
+    verifier = Verifier(chain.rpc_url, "0x000000000000000000000000000000000000dEaD")
+    assert not hasattr(verifier.signer._account, "key")
+    with pytest.raises(PermissionError):
+        verifier.signer.send_transaction(chain.merchant, b"")
+    with pytest.raises(PermissionError):
+        verifier.signer.write_contract(chain.payment_token, [], "transfer")
+    for name in ("SIGNER_PRIVATE_KEYS", "SIGNER_KEY_SECRET_BLOCKS", "MINTER_PRIVATE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RPC_URL", chain.rpc_url)
+    monkeypatch.setenv("DATABASE_URL", embedded_db_url)
+    config = ApiConfig.from_env()  # no key anywhere in the environment
+    assert config.simulation_from.lower() == "0x000000000000000000000000000000000000dead"
+    config.engine.dispose()
+
+
+def test_outages_are_503_with_retry_after_not_the_buyers_fault(api: TestClient, pipeline: Pipeline,
+                                                               chain: Deployment) -> None:
+    from payments.db import make_engine
+
+    req = _requirements(api)
+    header = _header(req, authorize(chain, chain.buyers[0]))
+    rpc_down = TestClient(create_app(ApiConfig(engine=pipeline.engine, chain_id=chain.chain_id,
+                                               rpc_url=f"http://127.0.0.1:{_closed_port()}")),
+                          raise_server_exceptions=False)
+    refused = _buy(rpc_down, header)
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"] == "chain_unavailable" and refused.headers["Retry-After"] == "5"
+    assert "Connection" not in refused.text and "127.0.0.1" not in refused.text
+    assert _nothing_written(pipeline)
+    dead = make_engine(f"postgresql://payments@127.0.0.1:{_closed_port()}/payments", connect_timeout=2)
+    db_down = TestClient(create_app(ApiConfig(engine=dead, chain_id=chain.chain_id, rpc_url=chain.rpc_url)),
+                         raise_server_exceptions=False)
+    for response in (db_down.post("/api/x402-batch-mint", json={"token": "demo-mint", "quantity": 1}),
+                     _buy(db_down, header), db_down.get("/api/payment/pay_0123456789"),
+                     db_down.get("/api/payment-stats")):
+        assert response.status_code == 503, response.text
+        assert response.json()["error"] == "database_unavailable" and response.headers["Retry-After"] == "5"
+        assert "psycopg" not in response.text and "127.0.0.1" not in response.text
+    dead.dispose()
+    assert _buy(api, header).status_code == 202  # the same payment once both are back
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.one_of(st.none(), st.dictionaries(st.sampled_from(["token", "quantity", "recipient", "x"]),
                                                  st.one_of(st.none(), st.integers(), st.text(max_size=50),
@@ -347,7 +401,7 @@ def live_api(pipeline: Pipeline, chain: Deployment, api: TestClient) -> Iterator
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config = ApiConfig(engine=pipeline.engine, chain_id=chain.chain_id, rpc_url=chain.rpc_url,
-                       verifier_key="0x" + bytes(chain.signers[0].key).hex(), public_url=f"http://127.0.0.1:{port}")
+                       simulation_from=chain.signers[0].address, public_url=f"http://127.0.0.1:{port}")
     server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -427,7 +481,7 @@ def test_version_1_clients_pay_with_x_payment(v1_chain: Deployment, embedded_eng
 
     chain = v1_chain
     config = ApiConfig(engine=embedded_engine, chain_id=84532, rpc_url=chain.rpc_url,
-                       verifier_key="0x" + bytes(chain.signers[0].key).hex(), public_url="http://testserver",
+                       simulation_from=chain.signers[0].address, public_url="http://testserver",
                        api_key=API_KEY)
     api = TestClient(create_app(config), raise_server_exceptions=False)
     api.put("/api/admin/products/demo-mint", headers={"X-API-Key": API_KEY}, json={
