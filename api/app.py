@@ -33,14 +33,24 @@ from api.x402 import (
     Offer,
     PaymentRejected,
     Verifier,
+    as_v2,
+    authorization_of,
     decode_payment,
     settlement_header,
 )
 from payments.config import require_env
 from payments.db import fetch_all, make_engine, query, transaction
-from payments.errors import ConfigurationError, DuplicatePaymentError, InvalidPaymentError
-from payments.intake import MintItem, enqueue_payment
-from payments.settings import REGISTRY, InvalidSettingError, format_value, stored_settings, write_setting
+from payments.eip3009 import Authorization
+from payments.errors import ConfigurationError, DuplicatePaymentError, InsufficientFundsError, InvalidPaymentError
+from payments.intake import Exposure, MintItem, enqueue_payment, find_payment, same_request
+from payments.settings import (
+    REGISTRY,
+    InvalidSettingError,
+    format_value,
+    read_values,
+    stored_settings,
+    write_setting,
+)
 from payments.statuses import PaymentStatus
 from tasks.monitor import compute_metrics, read_thresholds
 
@@ -129,6 +139,11 @@ class SettingIn(BaseModel):
     value: str = Field(pattern=r"^[\x20-\x7e]{1,100}$")
 
 
+def _conflict(existing_id: str) -> JSONResponse:
+    return _error(409, "duplicate_authorization", "this authorization was already used for another request",
+                  paymentId=existing_id)
+
+
 def _error(status: int, error: str, message: str = "", headers: dict[str, str] | None = None,
            **extra: Any) -> JSONResponse:
     return JSONResponse({"error": error, "message": message, **extra}, status_code=status, headers=headers)
@@ -207,24 +222,58 @@ def create_app(config: ApiConfig) -> FastAPI:
             headers, challenge = offer.challenge("payment required")
             return JSONResponse(challenge, status_code=402, headers=headers)
         try:
-            verified = verifier.verify(decode_payment(header), offer)
+            payload = decode_payment(header)
+            _, version = as_v2(payload, offer)
+            auth = authorization_of(payload)
         except PaymentRejected as rejected:
             return _rejection(offer, rejected.reason, rejected.message)
-        auth = verified.authorization
         recipient = body.recipient or auth.payer
         mint = MintItem(product["mint_token"], recipient, int(product["amount_per_unit"]) * body.quantity)
+        # an authorization already known is answered from the queue, before verification: after settlement
+        # the chain would call its nonce used, yet this is the same request again
+        with config.engine.connect() as conn:
+            existing = find_payment(conn, chain_id=config.chain_id, token=offer.asset, auth=auth)
+        if existing is not None:
+            return _known(existing, auth, mint)
+        try:
+            verifier.verify(payload, offer)
+        except PaymentRejected as rejected:
+            return _rejection(offer, rejected.reason, rejected.message)
+        exposure = Exposure(balance=verifier.balance_of(offer.asset, auth.payer), max_open=max_open_payments())
         try:
             payment_id, created = enqueue_payment(config.engine, chain_id=config.chain_id, token=offer.asset,
-                                                  auth=auth, mints=[mint], actor="api",
-                                                  x402_version=verified.version)
+                                                  auth=auth, mints=[mint], actor="api", x402_version=version,
+                                                  exposure=exposure)
         except DuplicatePaymentError as dup:
-            return _error(409, "duplicate_authorization", "this authorization was already used for another "
-                          "request", paymentId=dup.existing_id)
+            return _conflict(dup.existing_id)
+        except InsufficientFundsError as poor:
+            return _rejection(offer, poor.reason, poor.message)
         except InvalidPaymentError as bad:
             return _rejection(offer, ERR_MALFORMED, bad.message)
-        return JSONResponse({"paymentId": payment_id, "status": "pending",
-                             "statusUrl": f"{config.public_url}/api/payment/{payment_id}"},
-                            status_code=202 if created else 200)
+        if not created:  # the same request raced this one in: answer as for a replay
+            with config.engine.connect() as conn:
+                existing = find_payment(conn, chain_id=config.chain_id, token=offer.asset, auth=auth)
+            if existing is not None:
+                return _known(existing, auth, mint)
+        return _accepted(payment_id, "pending", 202)
+
+    def _accepted(payment_id: str, status: str, code: int) -> JSONResponse:
+        return JSONResponse({"paymentId": payment_id, "status": status,
+                             "statusUrl": f"{config.public_url}/api/payment/{payment_id}"}, status_code=code)
+
+    def _known(existing: dict[str, Any], auth: Authorization, mint: MintItem) -> JSONResponse:
+        if not same_request(existing, auth, [mint]):
+            return _conflict(str(existing["id"]))
+        return _accepted(str(existing["id"]), str(existing["status"]), 200)
+
+    def max_open_payments() -> int:
+        s = REGISTRY["max_open_payments_per_payer"]
+        try:
+            with config.engine.connect() as conn:
+                return int(read_values(conn, "api")[s.name])
+        except InvalidSettingError:  # stored around the registry: intake goes on with the default
+            log.error("system_settings.%s is invalid; using the default %s", s.name, s.default)
+            return int(s.default)
 
     @app.get("/api/payment/{payment_id}")
     def payment_status(payment_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]) -> Any:

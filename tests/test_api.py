@@ -118,6 +118,72 @@ def test_the_same_authorization_is_idempotent_and_a_changed_body_is_409(api: Tes
     assert conflict.json()["paymentId"] == first.json()["paymentId"]
 
 
+def test_replays_get_the_payment_and_its_current_status_before_any_verification(
+        api: TestClient, pipeline: Pipeline, chain: Deployment) -> None:
+    req = _requirements(api)
+    buyer, friend = chain.buyers[0], chain.buyers[1]
+    header = _header(req, authorize(chain, buyer))
+    first = _buy(api, header)
+    assert first.status_code == 202, first.text
+    pid = first.json()["paymentId"]
+    send_lane_tick(pipeline, pipeline.signers[0], new_owner_id("t"), FAST)
+    confirm_tick(pipeline, "t", FAST)
+    replay = _buy(api, header)  # the chain now calls this nonce used: the replay is still the same request
+    assert replay.status_code == 200, replay.text
+    assert replay.json()["paymentId"] == pid and replay.json()["status"] == "completed"
+    for changed in ({"recipient": friend.address}, {"quantity": 2}):
+        conflict = api.post("/api/x402-batch-mint", json={"token": "demo-mint", "quantity": 1, **changed},
+                            headers={"PAYMENT-SIGNATURE": header})
+        assert conflict.status_code == 409 and conflict.json()["paymentId"] == pid, (changed, conflict.text)
+    api.put("/api/admin/products/second", headers={"X-API-Key": API_KEY}, json={
+        "mint_token": chain.deployer.address, "payment_token": chain.payment_token, "price_per_unit": PRICE,
+        "amount_per_unit": MINT_PER_UNIT, "pay_to": chain.merchant})
+    other_product = api.post("/api/x402-batch-mint", json={"token": "second", "quantity": 1},
+                             headers={"PAYMENT-SIGNATURE": header})
+    assert other_product.status_code == 409, other_product.text
+    assert statuses(pipeline.engine) == {"completed": 1} and mint_statuses(pipeline.engine) == {"released": 1}
+
+
+def _fund_new_buyer(chain: Deployment, amount: int) -> Any:
+    from eth_account import Account
+
+    from payments.localstack import send_and_wait
+
+    buyer = Account.create()
+    token = chain.payment_contract()
+    send_and_wait(chain.w3(), chain.deployer, token.functions.mint(buyer.address, amount))
+    return buyer
+
+
+def test_a_payer_cannot_queue_more_than_its_balance_covers(api: TestClient, pipeline: Pipeline,
+                                                           chain: Deployment) -> None:
+    """A buyer holding 3 units sends two 2-unit payments at once: each alone is covered (and passes the
+    x402 balance simulation), together they are not, so at most one is accepted."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    buyers = [_fund_new_buyer(chain, 3 * PRICE) for _ in range(3)]  # three pairs at once: three races
+    req = _requirements(api, 2)
+    headers = [_header(req, authorize(chain, b, value=2 * PRICE)) for b in buyers for _ in range(2)]
+    with ThreadPoolExecutor(len(headers)) as pool:
+        answers = list(pool.map(lambda h: _buy(api, h, 2), headers))
+    for pair in (answers[0:2], answers[2:4], answers[4:6]):
+        assert sorted(a.status_code for a in pair) == [202, 402], [a.text for a in pair]
+        refused = next(a for a in pair if a.status_code == 402)
+        assert refused.json()["error"] == "insufficient_funds" and "PAYMENT-REQUIRED" in refused.headers
+    assert statuses(pipeline.engine) == {"pending": 3}
+    buyer = buyers[0]
+    one_more = _buy(api, _header(_requirements(api), authorize(chain, buyer)))  # 2 open + 1 <= 3
+    assert one_more.status_code == 202, one_more.text
+    key = {"X-API-Key": API_KEY}
+    assert api.put("/api/admin/settings/max_open_payments_per_payer", json={"value": "2"}, headers=key).is_success
+    rich = chain.buyers[0]
+    assert _buy(api, _header(_requirements(api), authorize(chain, rich))).status_code == 202
+    assert _buy(api, _header(_requirements(api), authorize(chain, rich))).status_code == 202
+    capped = _buy(api, _header(_requirements(api), authorize(chain, rich)))
+    assert capped.status_code == 402 and capped.json()["error"] == "insufficient_funds"
+    assert "open payments" in capped.json()["message"]
+
+
 def test_every_rejection_has_a_reason_and_writes_nothing(api: TestClient, pipeline: Pipeline,
                                                          chain: Deployment) -> None:
     req = _requirements(api)

@@ -4,3 +4,7 @@ INSERT INTO system_settings (key, value, description) VALUES
     ('max_open_payments_per_payer', '100',
      'Payments one payer may have pending, processing or sent at once; more are refused at intake')
 ON CONFLICT (key) DO NOTHING;
+
+-- The intake's exposure check sums one payer's open payments.
+CREATE INDEX idx_payment_queue_payer_open ON payment_queue (chain_id, token, payer)
+    WHERE status IN ('pending', 'processing', 'sent');
