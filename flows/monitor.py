@@ -108,7 +108,7 @@ def monitor_payments() -> dict[str, Any]:
         thresholds = read_thresholds(conn)
         metrics = compute_metrics(conn, thresholds)
     signers = read_signer_health(p)
-    depths = record_sample(p.engine, metrics, thresholds.sample_retention_days)
+    depths = record_sample(p.engine, metrics, thresholds.sample_retention_days, thresholds.window_minutes)
     alerts = evaluate_alerts(metrics, thresholds, signers, depths)
     due = sync_alerts(p.engine, alerts, thresholds.reminder_seconds)
     emit_alert_events(due)

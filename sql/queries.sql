@@ -428,8 +428,23 @@ WHERE status = 'open' AND NOT (key = ANY(CAST(:keys AS text[])))
 RETURNING key, message
 
 -- insert_monitor_sample --
-INSERT INTO monitor_samples (queue_depth, sent, sent_age_max, confirmation_rate)
-VALUES (:queue_depth, :sent, :sent_age_max, :confirmation_rate)
+INSERT INTO monitor_samples (queue_depth, sent, sent_age_max, confirmation_rate, counts, sent_age_mean, sent_age_p95,
+                             processing_time_p50, processing_time_p95, window_minutes)
+VALUES (:queue_depth, :sent, :sent_age_max, :confirmation_rate, CAST(:counts AS jsonb), :sent_age_mean, :sent_age_p95,
+        :processing_time_p50, :processing_time_p95, :window_minutes)
+
+-- latest_monitor_sample --
+SELECT at, counts, sent_age_mean, sent_age_p95, confirmation_rate, processing_time_p50, processing_time_p95,
+       window_minutes
+FROM monitor_samples ORDER BY at DESC LIMIT 1
+
+-- open_queue_figures --
+-- The open part of the queue for GET /api/payment-stats: each count stops at :cap (index-only scans of
+-- the partial indexes on pending, processing and sent), the oldest sent payment from its own index.
+SELECT (SELECT count(*) FROM (SELECT 1 FROM payment_queue WHERE status = 'pending' LIMIT :cap) p) AS pending,
+       (SELECT count(*) FROM (SELECT 1 FROM payment_queue WHERE status = 'processing' LIMIT :cap) p) AS processing,
+       (SELECT count(*) FROM (SELECT 1 FROM payment_queue WHERE status = 'sent' LIMIT :cap) p) AS sent,
+       (SELECT extract(epoch FROM now() - min(sent_at)) FROM payment_queue WHERE status = 'sent') AS oldest_sent_age
 
 -- recent_monitor_samples --
 SELECT at, queue_depth, sent, sent_age_max, confirmation_rate

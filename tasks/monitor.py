@@ -6,6 +6,7 @@ completed / (completed + confirmation_failed) over a window, processing time pro
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from itertools import pairwise
@@ -255,11 +256,15 @@ def sync_alerts(engine: Engine, alerts: list[Alert], reminder_seconds: float) ->
     return due
 
 
-def record_sample(engine: Engine, m: QueueMetrics, retention_days: int) -> list[int]:
-    """Store this run's figures and return the queue depths of the trend window (oldest first)."""
+def record_sample(engine: Engine, m: QueueMetrics, retention_days: int, window_minutes: int | None = None) -> list[int]:
+    """Store this run's figures (GET /api/payment-stats serves the latest) and return the queue depths of
+    the trend window (oldest first)."""
     with engine.begin() as conn:
         conn.execute(query("insert_monitor_sample"), {
             "queue_depth": m.queue_depth, "sent": m.counts.get("sent", 0), "sent_age_max": m.sent_age_max,
-            "confirmation_rate": m.confirmation_rate})
+            "confirmation_rate": m.confirmation_rate, "counts": json.dumps(m.counts),
+            "sent_age_mean": m.sent_age_mean, "sent_age_p95": m.sent_age_p95,
+            "processing_time_p50": m.processing_time_p50, "processing_time_p95": m.processing_time_p95,
+            "window_minutes": window_minutes})
         conn.execute(query("prune_monitor_samples"), {"days": retention_days})
         return [int(r[1]) for r in conn.execute(query("recent_monitor_samples"), {"minutes": 24 * 60})]
