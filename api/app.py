@@ -22,6 +22,7 @@ from eth_utils.address import to_checksum_address
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
@@ -152,7 +153,8 @@ def _error(status: int, error: str, message: str = "", headers: dict[str, str] |
 
 def create_app(config: ApiConfig) -> FastAPI:
     restore_recursion_limit()
-    app = FastAPI(title="x402 payment pipeline", version="0.1.0")
+    # /docs and /redoc load Swagger UI and ReDoc from the installed fastapi-offline package, not a CDN
+    app = FastAPIOffline(title="x402 payment pipeline", version="0.1.0")
     app.add_middleware(BodyLimitMiddleware, max_body=MAX_BODY_BYTES)
     verifier = Verifier(config.rpc_url, config.simulation_from)
 

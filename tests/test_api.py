@@ -402,6 +402,20 @@ def test_stats_stay_cheap_on_a_large_table(api: TestClient, pipeline: Pipeline) 
     assert elapsed < 0.5, elapsed  # measured: a few ms; generous for a busy 2-core machine
 
 
+def test_docs_are_served_without_a_cdn(api: TestClient) -> None:
+    import re
+
+    for page in ("/docs", "/redoc"):
+        html = api.get(page)
+        assert html.status_code == 200 and "<html" in html.text.lower()
+        assets = re.findall(r'(?:src|href)="([^"]+)"', html.text)
+        assert assets and all(a.startswith("/") for a in assets), assets  # nothing from another host
+        for asset in assets:
+            if not asset.endswith("openapi.json"):
+                assert api.get(asset).status_code == 200, asset
+    assert "cdn" not in api.get("/docs").text.lower()
+
+
 def test_operator_endpoints_need_the_api_key(api: TestClient) -> None:
     assert api.put("/api/admin/settings/payment_batch_size", json={"value": "50"}).status_code == 401
     wrong = api.put("/api/admin/settings/payment_batch_size", json={"value": "50"}, headers={"X-API-Key": "nope"})
