@@ -6,9 +6,16 @@ queued and settled by the pipeline, which is the point of the queue."""
 
 from __future__ import annotations
 
+import base64
+import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
+from eth_utils.address import to_checksum_address
+from web3 import HTTPProvider, Web3
+from web3.middleware import ExtraDataToPOAMiddleware
+from web3.types import RPCEndpoint, RPCResponse
 from x402.http.utils import (
     decode_payment_signature_header,
     encode_payment_required_header,
@@ -20,12 +27,16 @@ from x402.mechanisms.evm.v1.constants import V1_NETWORK_CHAIN_IDS
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse
 from x402.schemas.v1 import PaymentPayloadV1, PaymentRequiredV1, PaymentRequirementsV1
 
+from api.hardening import MAX_JSON_DEPTH, json_depth
 from payments.eip3009 import Authorization
 
 SCHEME = "exact"
 ERR_MALFORMED = "invalid_payload"
 ERR_UNSUPPORTED_SCHEME = "unsupported_scheme"
 ERR_NETWORK_MISMATCH = "invalid_network"
+RATE_LIMITED = -32005  # JSON-RPC "limit exceeded"
+_BALANCE_OF_ABI = [{"type": "function", "name": "balanceOf", "stateMutability": "view",
+                    "inputs": [{"name": "owner", "type": "address"}], "outputs": [{"name": "", "type": "uint256"}]}]
 
 
 def v1_network_name(chain_id: int) -> str | None:
@@ -103,52 +114,171 @@ class VerifiedPayment:
 
 def decode_payment(header_value: str) -> PaymentPayload | PaymentPayloadV1:
     try:
+        raw = base64.b64decode(header_value.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        raw = b""  # not plain base64: the x402 decoder decides
+    if json_depth(raw) > MAX_JSON_DEPTH:  # measured before anything parses it
+        raise PaymentRejected(ERR_MALFORMED, f"the payment payload may nest at most {MAX_JSON_DEPTH} levels")
+    try:
         return decode_payment_signature_header(header_value)
     except Exception:
         raise PaymentRejected(ERR_MALFORMED, "payment header is not base64 of an x402 PaymentPayload") from None
 
 
-def _authorization(payload: dict[str, Any]) -> Authorization:
-    try:
-        auth, signature = payload["authorization"], payload["signature"]
-        return Authorization(
-            payer=str(auth["from"]), pay_to=str(auth["to"]), value=int(auth["value"]),
-            valid_after=int(auth["validAfter"]), valid_before=int(auth["validBefore"]), nonce=str(auth["nonce"]),
-            signature=str(signature),
-        )
-    except (KeyError, TypeError, ValueError):
-        raise PaymentRejected(ERR_MALFORMED, "payload.authorization or payload.signature is malformed") from None
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
+_SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
+_UINT = re.compile(r"^[0-9]{1,78}$")
+
+
+def _uint256(value: Any, what: str) -> int:
+    """A uint256 given as a decimal string (x402's form) or a JSON integer; never a float, bool, NaN or
+    Infinity, and never anything that could overflow later."""
+    if isinstance(value, str) and _UINT.match(value):
+        number = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        raise PaymentRejected(ERR_MALFORMED, f"authorization.{what} is not a uint256")
+    if not 0 <= number < 2**256:
+        raise PaymentRejected(ERR_MALFORMED, f"authorization.{what} is not a uint256")
+    return number
+
+
+def _text(value: Any, pattern: re.Pattern[str], what: str) -> str:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise PaymentRejected(ERR_MALFORMED, f"{what} is malformed")
+    return value
+
+
+def _authorization(payload: Any) -> Authorization:
+    """The EIP-3009 authorization of a payload, every field checked for shape and range before anything
+    else (the x402 verifier included) looks at it."""
+    auth = payload.get("authorization") if isinstance(payload, dict) else None
+    if not isinstance(auth, dict):
+        raise PaymentRejected(ERR_MALFORMED, "payload.authorization is missing")
+    return Authorization(
+        payer=_text(auth.get("from"), _ADDRESS, "authorization.from"),
+        pay_to=_text(auth.get("to"), _ADDRESS, "authorization.to"),
+        value=_uint256(auth.get("value"), "value"),
+        valid_after=_uint256(auth.get("validAfter"), "validAfter"),
+        valid_before=_uint256(auth.get("validBefore"), "validBefore"),
+        nonce=_text(auth.get("nonce"), _BYTES32, "authorization.nonce"),
+        signature=_text(payload.get("signature"), _SIGNATURE, "payload.signature"),
+    )
+
+
+class ChainUnavailable(Exception):
+    """The chain node did not answer (transport failure, HTTP error, rate limit): the buyer is not to blame."""
+
+
+class WatchedProvider(HTTPProvider):
+    """An HTTP JSON-RPC provider that counts transport failures, so an outage is told apart from a payment
+    the chain refused (the x402 verifier turns both into an invalid payment). No retries: a request that
+    finds the node down fails fast."""
+
+    def __init__(self, rpc_url: str, timeout: float = 10.0) -> None:
+        super().__init__(rpc_url, request_kwargs={"timeout": timeout}, exception_retry_configuration=None)
+        self.failures = 0
+
+    def make_request(self, method: RPCEndpoint, params: Any) -> RPCResponse:
+        try:
+            response = super().make_request(method, params)
+        except Exception:
+            self.failures += 1
+            raise
+        error = response.get("error") if isinstance(response, dict) else None
+        if isinstance(error, dict) and error.get("code") == RATE_LIMITED:
+            self.failures += 1
+        return response
+
+
+class _AddressOnly:
+    """Stands where the x402 signer keeps its account: an address, and no key to sign with."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def __repr__(self) -> str:
+        return f"_AddressOnly({self.address})"
+
+
+class ReadOnlyFacilitatorSigner(FacilitatorWeb3Signer):
+    """x402's facilitator signer with no private key: it reads, verifies signatures and simulates calls
+    from `simulation_from` (any address: transferWithAuthorization may be submitted by anyone), and
+    refuses to send anything. The API process holds no key."""
+
+    def __init__(self, provider: WatchedProvider, simulation_from: str) -> None:  # no super(): it wants a key
+        self._account = _AddressOnly(to_checksum_address(simulation_from))  # type: ignore[assignment]
+        self._w3 = Web3(provider)
+        self._w3.middleware_onion.inject(ExtraDataToPOAMiddleware, layer=0)
+        self._confirmation_timeout_seconds = 0
+        self._gas_limit = 0
+        self._chain_id = None
+        self._nonce_lock = threading.Lock()
+        self._next_nonce = None
+
+    def write_contract(self, *args: Any, **kwargs: Any) -> str:
+        raise PermissionError("the API's verifier is read-only: settlement is the pipeline's")
+
+    def send_transaction(self, to: str, data: bytes) -> str:
+        raise PermissionError("the API's verifier is read-only: settlement is the pipeline's")
 
 
 class Verifier:
     """Facilitator-side verification through x402's ExactEvmScheme (reads and simulates; never settles)."""
 
-    def __init__(self, rpc_url: str, key: str) -> None:
-        self._scheme = ExactEvmScheme(FacilitatorWeb3Signer(private_key=key, rpc_url=rpc_url))
+    def __init__(self, rpc_url: str, simulation_from: str) -> None:
+        self.provider = WatchedProvider(rpc_url)
+        self.signer = ReadOnlyFacilitatorSigner(self.provider, simulation_from)
+        self._scheme = ExactEvmScheme(self.signer)
+        self._w3 = Web3(self.provider)
 
     def verify(self, payload: PaymentPayload | PaymentPayloadV1, offer: Offer) -> VerifiedPayment:
-        if isinstance(payload, PaymentPayloadV1):
-            if payload.scheme != SCHEME:
-                raise PaymentRejected(ERR_UNSUPPORTED_SCHEME, f"scheme {payload.scheme!r} is not offered")
-            if payload.network != v1_network_name(offer.chain_id):
-                raise PaymentRejected(ERR_NETWORK_MISMATCH, f"network {payload.network!r} is not offered")
-            # the v1 payload carries the same EIP-3009 authorization: verify it as v2 against this offer
-            v2 = PaymentPayload(x402_version=2, payload=payload.payload, accepted=offer.requirements())
-            version = 1
-        else:
-            if payload.accepted.scheme != SCHEME:
-                raise PaymentRejected(ERR_UNSUPPORTED_SCHEME, f"scheme {payload.accepted.scheme!r} is not offered")
-            if payload.accepted.network != offer.network:
-                raise PaymentRejected(ERR_NETWORK_MISMATCH, f"network {payload.accepted.network!r} is not offered")
-            v2, version = payload, 2
+        v2, version = as_v2(payload, offer)
         authorization = _authorization(v2.payload)
+        failures = self.provider.failures
         try:
             result = self._scheme.verify(v2, offer.requirements())
-        except Exception as exc:  # the x402 verifier could not read the chain
-            raise PaymentRejected("invalid_exact_evm_failed_to_verify_signature", type(exc).__name__) from None
+        except Exception as exc:
+            if self.provider.failures != failures:
+                raise ChainUnavailable(type(exc).__name__) from None
+            raise PaymentRejected("invalid_exact_evm_failed_to_verify_signature", "") from None
+        if self.provider.failures != failures:
+            raise ChainUnavailable("the node failed during verification")
         if not result.is_valid:
             raise PaymentRejected(str(result.invalid_reason), "")
         return VerifiedPayment(version=version, authorization=authorization)
+
+    def balance_of(self, token: str, owner: str) -> int:
+        """The owner's token balance at the latest block; ChainUnavailable when the node does not answer."""
+        contract = self._w3.eth.contract(address=to_checksum_address(token), abi=_BALANCE_OF_ABI)
+        try:
+            return int(contract.functions.balanceOf(to_checksum_address(owner)).call())
+        except Exception as exc:
+            raise ChainUnavailable(type(exc).__name__) from None
+
+
+def as_v2(payload: PaymentPayload | PaymentPayloadV1, offer: Offer) -> tuple[PaymentPayload, int]:
+    """The payload as x402 v2 against this offer, and the client's protocol version; PaymentRejected when
+    the scheme or network is not the offer's."""
+    if isinstance(payload, PaymentPayloadV1):
+        if payload.scheme != SCHEME:
+            raise PaymentRejected(ERR_UNSUPPORTED_SCHEME, "this scheme is not offered")
+        if payload.network != v1_network_name(offer.chain_id):
+            raise PaymentRejected(ERR_NETWORK_MISMATCH, "this network is not offered")
+        # the v1 payload carries the same EIP-3009 authorization: verify it as v2 against this offer
+        return PaymentPayload(x402_version=2, payload=payload.payload, accepted=offer.requirements()), 1
+    if payload.accepted.scheme != SCHEME:
+        raise PaymentRejected(ERR_UNSUPPORTED_SCHEME, "this scheme is not offered")
+    if payload.accepted.network != offer.network:
+        raise PaymentRejected(ERR_NETWORK_MISMATCH, "this network is not offered")
+    return payload, 2
+
+
+def authorization_of(payload: PaymentPayload | PaymentPayloadV1) -> Authorization:
+    """The payload's EIP-3009 authorization, checked for shape and range (nothing read from the chain)."""
+    return _authorization(payload.payload)
 
 
 def settlement_header(version: int, *, success: bool, transaction: str, chain_id: int, payer: str,

@@ -107,10 +107,8 @@ def monitor_payments() -> dict[str, Any]:
     with p.engine.connect() as conn:
         thresholds = read_thresholds(conn)
         metrics = compute_metrics(conn, thresholds)
-        retention = conn.execute(text(
-            "SELECT value FROM system_settings WHERE key = 'monitor_sample_retention_days'")).scalar_one_or_none()
     signers = read_signer_health(p)
-    depths = record_sample(p.engine, metrics, int(retention or 7))
+    depths = record_sample(p.engine, metrics, thresholds.sample_retention_days, thresholds.window_minutes)
     alerts = evaluate_alerts(metrics, thresholds, signers, depths)
     due = sync_alerts(p.engine, alerts, thresholds.reminder_seconds)
     emit_alert_events(due)

@@ -52,13 +52,20 @@ def sqlalchemy_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+def make_engine(url: str, *, pool_size: int = 5, connect_timeout: int = 10, pool_timeout: float = 30,
+                statement_timeout_ms: int | None = None) -> Engine:
+    """An engine whose connection attempts give up after `connect_timeout` seconds (a database that is
+    down or unreachable fails fast instead of hanging), optionally with a per-statement time limit."""
+    connect_args: dict[str, Any] = {"application_name": "x402-payments", "connect_timeout": connect_timeout}
+    if statement_timeout_ms is not None:
+        connect_args["options"] = f"-c statement_timeout={int(statement_timeout_ms)}"
     return create_engine(
         sqlalchemy_url(url),
         pool_size=pool_size,
         max_overflow=5,
+        pool_timeout=pool_timeout,
         pool_pre_ping=True,
-        connect_args={"application_name": "x402-payments"},
+        connect_args=connect_args,
     )
 
 

@@ -20,6 +20,13 @@ class InvalidPaymentError(PaymentsError):
         self.message = message
 
 
+class InsufficientFundsError(InvalidPaymentError):
+    """The payer's open payments plus this one are more than its balance covers (or than it may have open)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("insufficient_funds", message)
+
+
 class DuplicatePaymentError(PaymentsError):
     """The same authorization was submitted before with a different body."""
 

@@ -1,7 +1,8 @@
 """Queueing a payment: the payment row and the mint rows it pays for, in one transaction.
 
-Idempotent: the same authorization (chain, token, payer, nonce) again returns the existing payment id;
-the same authorization with different content raises DuplicatePaymentError and writes nothing."""
+Idempotent: the same authorization (chain, token, payer, nonce) buying the same mints again returns the
+existing payment id; the same authorization with any other content (amount, window, signature, or what
+it buys: product, quantity, recipient) raises DuplicatePaymentError and writes nothing."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from payments.db import fetch_all, query, transaction
 from payments.eip3009 import Authorization
-from payments.errors import DuplicatePaymentError, InvalidPaymentError
+from payments.errors import DuplicatePaymentError, InsufficientFundsError, InvalidPaymentError
 
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
@@ -65,12 +67,46 @@ def validate(auth: Authorization, mints: list[MintItem]) -> None:
         _uint(m.amount, "mint amount", positive=True)
 
 
+@dataclass(frozen=True)
+class Exposure:
+    """What the payer can cover: its token balance (read on chain just before) and the most payments it
+    may have open at once."""
+
+    balance: int
+    max_open: int
+
+
+def find_payment(conn: Connection, *, chain_id: int, token: str, auth: Authorization) -> dict[str, Any] | None:
+    """The payment this authorization (chain, token, payer, nonce) already pays for, with its mints."""
+    rows = fetch_all(conn, "find_payment_by_authorization", chain_id=chain_id, token=token.lower(),
+                     payer=auth.payer.lower(), auth_nonce=auth.nonce.lower())
+    return rows[0] if rows else None
+
+
+def same_request(existing: dict[str, Any], auth: Authorization, mints: list[MintItem]) -> bool:
+    """Whether a stored payment is exactly this authorization buying exactly these mints."""
+    stored_mints = sorted((str(t), str(r), int(a)) for t, r, a in existing["mints"])
+    wanted = sorted((m.mint_token.lower(), m.recipient.lower(), m.amount) for m in mints)
+    return (existing["pay_to"] == auth.pay_to.lower() and int(existing["amount"]) == auth.value
+            and int(existing["valid_after"]) == auth.valid_after
+            and int(existing["valid_before"]) == auth.valid_before
+            and existing["signature"] == auth.signature.lower() and stored_mints == wanted)
+
+
+def payer_lock_key(chain_id: int, token: str, payer: str) -> str:
+    return f"payments-payer:{chain_id}:{token.lower()}:{payer.lower()}"
+
+
 def enqueue_payment(
     engine: Engine, *, chain_id: int, token: str, auth: Authorization, mints: list[MintItem],
-    payment_id: str | None = None, actor: str = "intake", x402_version: int = 2,
+    payment_id: str | None = None, actor: str = "intake", x402_version: int = 2, exposure: Exposure | None = None,
 ) -> tuple[str, bool]:
-    """Queue a payment; returns (payment id, created). Raises InvalidPaymentError or
-    DuplicatePaymentError without writing anything."""
+    """Queue a payment; returns (payment id, created). Raises InvalidPaymentError (InsufficientFundsError
+    when `exposure` is given and the payer's open payments plus this one are more than its balance covers,
+    or more than it may have open) or DuplicatePaymentError without writing anything.
+
+    With `exposure`, the check and the insert run under a transaction-scoped advisory lock per payer, so
+    concurrent requests of one payer are judged one after the other."""
     validate(auth, mints)
     token = _address(token, "token")
     pid = payment_id or new_payment_id()
@@ -82,7 +118,15 @@ def enqueue_payment(
                                      "signature": auth.signature}),
     }
     with transaction(engine, actor) as conn:
-        inserted = fetch_all(conn, "insert_payment", **params)
+        inserted: list[dict[str, Any]] = []
+        existing = None
+        if exposure is not None:
+            conn.execute(query("lock_payer"), {"key": payer_lock_key(chain_id, token, auth.payer)})
+            existing = find_payment(conn, chain_id=chain_id, token=token, auth=auth)
+            if existing is None:
+                _check_exposure(conn, chain_id, token, auth, exposure)
+        if existing is None:
+            inserted = fetch_all(conn, "insert_payment", **params)
         if inserted:
             if mints:  # the mint rows belong to the same transaction as the payment
                 conn.execute(query("insert_mint_rows"), {
@@ -92,11 +136,16 @@ def enqueue_payment(
                     "amounts": [m.amount for m in mints],
                 })
             return pid, True
-        (existing,) = fetch_all(conn, "find_payment_by_authorization", chain_id=chain_id, token=token,
-                                payer=params["payer"], auth_nonce=params["auth_nonce"])
-    same = (existing["pay_to"] == params["pay_to"] and int(existing["amount"]) == auth.value
-            and int(existing["valid_after"]) == auth.valid_after and int(existing["valid_before"]) == auth.valid_before
-            and existing["signature"] == params["signature"])
-    if not same:
-        raise DuplicatePaymentError(existing["id"])
+        existing = existing or find_payment(conn, chain_id=chain_id, token=token, auth=auth)
+    if existing is None or not same_request(existing, auth, mints):
+        raise DuplicatePaymentError(str(existing["id"]) if existing else "unknown")
     return str(existing["id"]), False
+
+
+def _check_exposure(conn: Connection, chain_id: int, token: str, auth: Authorization, exposure: Exposure) -> None:
+    (row,) = fetch_all(conn, "payer_open_exposure", chain_id=chain_id, token=token, payer=auth.payer.lower())
+    if int(row["open_count"]) >= exposure.max_open:
+        raise InsufficientFundsError(f"the payer already has {int(row['open_count'])} open payments, the most "
+                                     "allowed; wait until they settle")
+    if int(row["open_amount"]) + auth.value > exposure.balance:
+        raise InsufficientFundsError("the payer's balance does not cover its open payments and this one")

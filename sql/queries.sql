@@ -10,9 +10,22 @@ ON CONFLICT ON CONSTRAINT payment_queue_authorization_unique DO NOTHING
 RETURNING id
 
 -- find_payment_by_authorization --
-SELECT id, pay_to, amount, valid_after, valid_before, signature
+-- The payment an authorization already pays for, with what it buys: a request carrying the same
+-- authorization again is answered from here (idempotent intake) before anything is verified.
+SELECT p.id, p.status, p.pay_to, p.amount, p.valid_after, p.valid_before, p.signature,
+       coalesce((SELECT json_agg(json_build_array(m.mint_token, m.recipient, m.amount::text) ORDER BY m.id)
+                 FROM mint_queue m WHERE m.payment_id = p.id), '[]') AS mints
+FROM payment_queue p
+WHERE p.chain_id = :chain_id AND p.token = :token AND p.payer = :payer AND p.auth_nonce = :auth_nonce
+
+-- lock_payer --
+-- Held until the intake transaction ends: one payer's exposure check and insert never interleave.
+SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))
+
+-- payer_open_exposure --
+SELECT count(*) AS open_count, coalesce(sum(amount), 0) AS open_amount
 FROM payment_queue
-WHERE chain_id = :chain_id AND token = :token AND payer = :payer AND auth_nonce = :auth_nonce
+WHERE chain_id = :chain_id AND token = :token AND payer = :payer AND status IN ('pending', 'processing', 'sent')
 
 -- insert_mint_rows --
 INSERT INTO mint_queue (payment_id, mint_token, recipient, amount)
@@ -419,8 +432,23 @@ WHERE status = 'open' AND NOT (key = ANY(CAST(:keys AS text[])))
 RETURNING key, message
 
 -- insert_monitor_sample --
-INSERT INTO monitor_samples (queue_depth, sent, sent_age_max, confirmation_rate)
-VALUES (:queue_depth, :sent, :sent_age_max, :confirmation_rate)
+INSERT INTO monitor_samples (queue_depth, sent, sent_age_max, confirmation_rate, counts, sent_age_mean, sent_age_p95,
+                             processing_time_p50, processing_time_p95, window_minutes)
+VALUES (:queue_depth, :sent, :sent_age_max, :confirmation_rate, CAST(:counts AS jsonb), :sent_age_mean, :sent_age_p95,
+        :processing_time_p50, :processing_time_p95, :window_minutes)
+
+-- latest_monitor_sample --
+SELECT at, counts, sent_age_mean, sent_age_p95, confirmation_rate, processing_time_p50, processing_time_p95,
+       window_minutes
+FROM monitor_samples ORDER BY at DESC LIMIT 1
+
+-- open_queue_figures --
+-- The open part of the queue for GET /api/payment-stats: each count stops at :cap (index-only scans of
+-- the partial indexes on pending, processing and sent), the oldest sent payment from its own index.
+SELECT (SELECT count(*) FROM (SELECT 1 FROM payment_queue WHERE status = 'pending' LIMIT :cap) p) AS pending,
+       (SELECT count(*) FROM (SELECT 1 FROM payment_queue WHERE status = 'processing' LIMIT :cap) p) AS processing,
+       (SELECT count(*) FROM (SELECT 1 FROM payment_queue WHERE status = 'sent' LIMIT :cap) p) AS sent,
+       (SELECT extract(epoch FROM now() - min(sent_at)) FROM payment_queue WHERE status = 'sent') AS oldest_sent_age
 
 -- recent_monitor_samples --
 SELECT at, queue_depth, sent, sent_age_max, confirmation_rate

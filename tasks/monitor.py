@@ -6,6 +6,7 @@ completed / (completed + confirmation_failed) over a window, processing time pro
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from itertools import pairwise
@@ -17,6 +18,7 @@ from sqlalchemy import Connection, Engine, text
 from payments.chain import rpc_batch, to_int
 from payments.db import query, transaction
 from payments.errors import RpcError
+from payments.settings import stored_settings, typed_values
 from payments.statuses import PaymentStatus
 from tasks.common import Pipeline
 
@@ -32,20 +34,24 @@ class Thresholds:
     queue_trend_samples: int = 5
     min_gas_balance_wei: int = 10**16
     nonce_drift: int = 10
+    sample_retention_days: int = 7
 
     @classmethod
     def from_settings(cls, rows: dict[str, str]) -> Thresholds:
-        d = cls()
+        """From stored settings, typed and range-checked by the settings registry (a stored value a setting
+        cannot take raises InvalidSettingError naming it)."""
+        v = typed_values(rows, "monitor")
         return cls(
-            sent_age_seconds=float(rows.get("alert_sent_age_seconds", d.sent_age_seconds)),
-            confirmation_rate_min=float(rows.get("alert_confirmation_rate_min", d.confirmation_rate_min)),
-            processing_time_seconds=float(rows.get("alert_processing_time_seconds", d.processing_time_seconds)),
-            stuck_seconds=float(rows.get("alert_stuck_seconds", d.stuck_seconds)),
-            window_minutes=int(rows.get("monitor_window_minutes", d.window_minutes)),
-            reminder_seconds=float(rows.get("alert_reminder_seconds", d.reminder_seconds)),
-            queue_trend_samples=int(rows.get("alert_queue_trend_samples", d.queue_trend_samples)),
-            min_gas_balance_wei=int(rows.get("alert_min_gas_balance_wei", d.min_gas_balance_wei)),
-            nonce_drift=int(rows.get("alert_nonce_drift", d.nonce_drift)),
+            sent_age_seconds=float(v["alert_sent_age_seconds"]),
+            confirmation_rate_min=float(v["alert_confirmation_rate_min"]),
+            processing_time_seconds=float(v["alert_processing_time_seconds"]),
+            stuck_seconds=float(v["alert_stuck_seconds"]),
+            window_minutes=int(v["monitor_window_minutes"]),
+            reminder_seconds=float(v["alert_reminder_seconds"]),
+            queue_trend_samples=int(v["alert_queue_trend_samples"]),
+            min_gas_balance_wei=int(v["alert_min_gas_balance_wei"]),
+            nonce_drift=int(v["alert_nonce_drift"]),
+            sample_retention_days=int(v["monitor_sample_retention_days"]),
         )
 
 
@@ -81,8 +87,7 @@ def _stat(series: pd.Series, how: str) -> float | None:
 
 
 def read_thresholds(conn: Connection) -> Thresholds:
-    rows = {str(k): str(v) for k, v in conn.execute(text("SELECT key, value FROM system_settings"))}
-    return Thresholds.from_settings(rows)
+    return Thresholds.from_settings(stored_settings(conn))
 
 
 def compute_metrics(conn: Connection, thresholds: Thresholds, now: datetime | None = None) -> QueueMetrics:
@@ -253,11 +258,15 @@ def sync_alerts(engine: Engine, alerts: list[Alert], reminder_seconds: float) ->
     return due
 
 
-def record_sample(engine: Engine, m: QueueMetrics, retention_days: int) -> list[int]:
-    """Store this run's figures and return the queue depths of the trend window (oldest first)."""
+def record_sample(engine: Engine, m: QueueMetrics, retention_days: int, window_minutes: int | None = None) -> list[int]:
+    """Store this run's figures (GET /api/payment-stats serves the latest) and return the queue depths of
+    the trend window (oldest first)."""
     with engine.begin() as conn:
         conn.execute(query("insert_monitor_sample"), {
             "queue_depth": m.queue_depth, "sent": m.counts.get("sent", 0), "sent_age_max": m.sent_age_max,
-            "confirmation_rate": m.confirmation_rate})
+            "confirmation_rate": m.confirmation_rate, "counts": json.dumps(m.counts),
+            "sent_age_mean": m.sent_age_mean, "sent_age_p95": m.sent_age_p95,
+            "processing_time_p50": m.processing_time_p50, "processing_time_p95": m.processing_time_p95,
+            "window_minutes": window_minutes})
         conn.execute(query("prune_monitor_samples"), {"days": retention_days})
         return [int(r[1]) for r in conn.execute(query("recent_monitor_samples"), {"minutes": 24 * 60})]

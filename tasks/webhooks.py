@@ -22,6 +22,7 @@ from sqlalchemy import Engine, text
 
 from payments.db import fetch_all, query, transaction
 from payments.errors import ConfigurationError
+from payments.settings import read_values
 
 TIMEOUT_SECONDS = 10
 
@@ -62,9 +63,8 @@ class WebhookReport:
 
 def _settings(engine: Engine) -> tuple[int, int]:
     with engine.connect() as conn:
-        rows: dict[str, str] = {str(k): str(v) for k, v in conn.execute(
-            text("SELECT key, value FROM system_settings WHERE key LIKE 'webhook_%'"))}
-    return int(rows.get("webhook_max_attempts", 8)), int(rows.get("webhook_backoff_seconds", 5))
+        values = read_values(conn, "webhooks")
+    return int(values["webhook_max_attempts"]), int(values["webhook_backoff_seconds"])
 
 
 def deliver_due_webhooks(engine: Engine, limit: int = 50, session: requests.Session | None = None) -> WebhookReport:

@@ -64,6 +64,13 @@ def test_settings_defaults_are_the_seeds() -> None:
     assert (s.confirmation_interval_ms, s.confirmation_batch_size, s.confirmation_timeout_seconds) == (2000, 20, 300)
 
 
+def test_pipeline_settings_defaults_are_the_registrys() -> None:
+    from payments.settings import REGISTRY
+
+    assert all(REGISTRY[f.name].default == f.default for f in dataclasses.fields(PipelineSettings))
+    assert parse_settings({}) == PipelineSettings()
+
+
 def test_settings_reject_bad_values() -> None:
     with pytest.raises(ConfigurationError, match="not an integer"):
         parse_settings({"payment_batch_size": "ten"})
