@@ -210,7 +210,7 @@ def test_resync_nonces_rebroadcasts_and_fills_gaps(pipeline: Pipeline, chain: De
         conn.execute(text("UPDATE signer_nonces SET next_nonce = 3 WHERE signer = :s"), {"s": signer.address})
     dry = resync_nonces(pipeline, FAST, dry_run=True, actor="t")
     assert [(a.action, a.outcome) for a in dry if signer.address in a.detail] == [
-        ("fill", "would_apply"), ("rebroadcast", "would_apply")]
+        ("fill", "would_apply"), ("rebroadcast", "would_apply")], [a.detail for a in dry]
     resync_nonces(pipeline, FAST, dry_run=False, actor="t")
     rpc(chain, "evm_mine", [])
     assert w3.eth.get_transaction_count(w3.to_checksum_address(signer.address)) == 3
