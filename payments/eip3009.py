@@ -27,7 +27,7 @@ AUTHORIZATION_TYPES = {
 # queue's CHECK constraint (sql/migrations/016) holds the same bounds.
 MIN_SIGNATURE_BYTES = 65
 MAX_SIGNATURE_BYTES = 2048
-_SIGNATURE_HEX = re.compile(r"^0x(?:[0-9a-fA-F]{2})+$")
+_SIGNATURE_HEX = re.compile(r"0x(?:[0-9a-fA-F]{2})+")
 
 
 def is_signature_hex(value: object) -> bool:
@@ -35,7 +35,7 @@ def is_signature_hex(value: object) -> bool:
     shape: the x402 verifier checks the signature (ECDSA for an address without code, ERC-1271 for one
     with code)."""
     return (isinstance(value, str) and 2 + 2 * MIN_SIGNATURE_BYTES <= len(value) <= 2 + 2 * MAX_SIGNATURE_BYTES
-            and _SIGNATURE_HEX.match(value) is not None)
+            and _SIGNATURE_HEX.fullmatch(value) is not None)
 
 
 @dataclass(frozen=True)

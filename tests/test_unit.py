@@ -328,6 +328,7 @@ def test_intake_validation_rejects_malformed_input() -> None:
         dataclasses.replace(auth, signature="0x" + "0" * 131),  # not whole bytes
         dataclasses.replace(auth, signature="0x" + "zz" * 65),
         dataclasses.replace(auth, signature="00" * 66),
+        dataclasses.replace(auth, signature=auth.signature + "\n"),  # `$` would let a newline through
     ]
     for b in bad:
         with pytest.raises(InvalidPaymentError):
