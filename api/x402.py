@@ -28,7 +28,7 @@ from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, R
 from x402.schemas.v1 import PaymentPayloadV1, PaymentRequiredV1, PaymentRequirementsV1
 
 from api.hardening import MAX_JSON_DEPTH, json_depth
-from payments.eip3009 import Authorization
+from payments.eip3009 import MAX_SIGNATURE_BYTES, MIN_SIGNATURE_BYTES, Authorization, is_signature_hex
 
 SCHEME = "exact"
 ERR_MALFORMED = "invalid_payload"
@@ -127,7 +127,6 @@ def decode_payment(header_value: str) -> PaymentPayload | PaymentPayloadV1:
 
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
-_SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
 _UINT = re.compile(r"^[0-9]{1,78}$")
 
 
@@ -164,8 +163,17 @@ def _authorization(payload: Any) -> Authorization:
         valid_after=_uint256(auth.get("validAfter"), "validAfter"),
         valid_before=_uint256(auth.get("validBefore"), "validBefore"),
         nonce=_text(auth.get("nonce"), _BYTES32, "authorization.nonce"),
-        signature=_text(payload.get("signature"), _SIGNATURE, "payload.signature"),
+        signature=_signature(payload.get("signature")),
     )
+
+
+def _signature(value: Any) -> str:
+    """65 bytes from an EOA; a contract wallet's (ERC-1271, possibly ERC-6492-wrapped) may be longer. The
+    verifier checks it: ECDSA for a payer without code, the wallet's isValidSignature for one with code."""
+    if not is_signature_hex(value):
+        raise PaymentRejected(ERR_MALFORMED, f"payload.signature is not {MIN_SIGNATURE_BYTES} to "
+                                             f"{MAX_SIGNATURE_BYTES} bytes of hex")
+    return str(value)
 
 
 class ChainUnavailable(Exception):

@@ -1,15 +1,21 @@
-// Compiles contracts/src/*.sol with the pinned npm solc into contracts/build/<Name>.json (abi + bytecode).
-// `node contracts/compile.js --check` exits 1 if the committed artifacts differ from a fresh compile.
+// Compiles contracts/src/*.sol with the pinned npm solc into contracts/build/<Name>.json (abi + bytecode),
+// and the test fixtures in contracts/test/*.sol into contracts/build/test/<Name>.json (kept apart: they are
+// never deployed outside the tests). `node contracts/compile.js --check` exits 1 if the committed
+// artifacts differ from a fresh compile.
 "use strict";
 const fs = require("fs");
 const path = require("path");
 const solc = require("solc");
 
-const srcDir = path.join(__dirname, "src");
 const buildDir = path.join(__dirname, "build");
+// source directory -> where its artifacts go; source units are named "<dir>/<file>.sol"
+const outputs = { src: buildDir, test: path.join(buildDir, "test") };
 const sources = {};
-for (const file of fs.readdirSync(srcDir).filter((f) => f.endsWith(".sol")).sort()) {
-  sources[file] = { content: fs.readFileSync(path.join(srcDir, file), "utf8") };
+for (const dir of Object.keys(outputs)) {
+  const srcDir = path.join(__dirname, dir);
+  for (const file of fs.readdirSync(srcDir).filter((f) => f.endsWith(".sol")).sort()) {
+    sources[`${dir}/${file}`] = { content: fs.readFileSync(path.join(srcDir, file), "utf8") };
+  }
 }
 const input = {
   language: "Solidity",
@@ -35,7 +41,7 @@ for (const file of Object.keys(output.contracts)) {
       null,
       2,
     ) + "\n";
-    const target = path.join(buildDir, name + ".json");
+    const target = path.join(outputs[file.split("/")[0]], name + ".json");
     if (check) {
       const current = fs.existsSync(target) ? fs.readFileSync(target, "utf8") : "";
       if (current !== artifact) {
@@ -43,7 +49,7 @@ for (const file of Object.keys(output.contracts)) {
         stale += 1;
       }
     } else {
-      fs.mkdirSync(buildDir, { recursive: true });
+      fs.mkdirSync(path.dirname(target), { recursive: true });
       fs.writeFileSync(target, artifact);
       process.stdout.write(`wrote ${path.relative(process.cwd(), target)}\n`);
     }

@@ -1,7 +1,9 @@
-"""EIP-3009 `TransferWithAuthorization` typed data: signing (the buyer's side) and recovery."""
+"""EIP-3009 `TransferWithAuthorization` typed data: signing (the buyer's side) and recovery, and the shape
+of a signature the intake accepts."""
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,21 @@ AUTHORIZATION_TYPES = {
         {"name": "nonce", "type": "bytes32"},
     ]
 }
+
+# An EOA signs 65 bytes (r, s, v). A contract wallet's ERC-1271 signature is whatever the wallet checks:
+# several owners' signatures, WebAuthn data, an ERC-6492 wrapper - longer, rarely beyond a kilobyte. The
+# queue's CHECK constraint (sql/migrations/016) holds the same bounds.
+MIN_SIGNATURE_BYTES = 65
+MAX_SIGNATURE_BYTES = 2048
+_SIGNATURE_HEX = re.compile(r"0x(?:[0-9a-fA-F]{2})+")
+
+
+def is_signature_hex(value: object) -> bool:
+    """Whether `value` is 0x-prefixed hex of MIN_SIGNATURE_BYTES..MAX_SIGNATURE_BYTES bytes. Only the
+    shape: the x402 verifier checks the signature (ECDSA for an address without code, ERC-1271 for one
+    with code)."""
+    return (isinstance(value, str) and 2 + 2 * MIN_SIGNATURE_BYTES <= len(value) <= 2 + 2 * MAX_SIGNATURE_BYTES
+            and _SIGNATURE_HEX.fullmatch(value) is not None)
 
 
 @dataclass(frozen=True)
@@ -97,7 +114,8 @@ def sign_authorization(
 
 
 def recover_payer(domain: TokenDomain, auth: Authorization) -> str:
-    """The address that signed `auth` under `domain` (compare with auth.payer)."""
+    """The EOA that signed `auth` under `domain` (compare with auth.payer); a 65-byte ECDSA signature only
+    (a contract wallet's signature is checked by the wallet, ERC-1271)."""
     message = _message(auth.payer, auth.pay_to, auth.value, auth.valid_after, auth.valid_before, auth.nonce)
     signable = encode_typed_data(domain.as_dict(), AUTHORIZATION_TYPES, message)
     return str(Account.recover_message(signable, signature=bytes.fromhex(auth.signature.removeprefix("0x"))))

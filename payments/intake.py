@@ -15,12 +15,11 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from payments.db import fetch_all, query, transaction
-from payments.eip3009 import Authorization
+from payments.eip3009 import MAX_SIGNATURE_BYTES, MIN_SIGNATURE_BYTES, Authorization, is_signature_hex
 from payments.errors import DuplicatePaymentError, InsufficientFundsError, InvalidPaymentError
 
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
-_SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
 UINT256_MAX = 2**256 - 1
 
 
@@ -59,8 +58,9 @@ def validate(auth: Authorization, mints: list[MintItem]) -> None:
         raise InvalidPaymentError("invalid_payload", "validBefore must be after validAfter")
     if not _BYTES32.match(auth.nonce):
         raise InvalidPaymentError("invalid_payload", "authorization.nonce is not 32 bytes of hex")
-    if not _SIGNATURE.match(auth.signature):
-        raise InvalidPaymentError("invalid_payload", "signature is not 65 bytes of hex")
+    if not is_signature_hex(auth.signature):  # 65 bytes from an EOA; a contract wallet's may be longer
+        raise InvalidPaymentError("invalid_payload", f"signature is not {MIN_SIGNATURE_BYTES} to "
+                                                     f"{MAX_SIGNATURE_BYTES} bytes of hex")
     for m in mints:
         _address(m.mint_token, "mint token")
         _address(m.recipient, "mint recipient")

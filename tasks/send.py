@@ -23,9 +23,9 @@ from payments.chain import (
     is_execution_reverted,
     revert_reason,
     rpc_batch,
+    settlement_data,
     sign_tx,
     to_int,
-    transfer_with_authorization_data,
 )
 from payments.config import Signer
 from payments.db import fetch_all, query, transaction
@@ -68,7 +68,11 @@ class ClaimedPayment:
         )
 
     def calldata(self) -> bytes:
-        return transfer_with_authorization_data(
+        """transferWithAuthorization call data: the v,r,s form for a 65-byte ECDSA-shaped signature (an
+        EOA's, or a one-owner wallet's), the bytes form for any other contract-wallet signature
+        (`payments.chain.settlement_data` says why). Outcomes are read from AuthorizationUsed events,
+        whichever form settled."""
+        return settlement_data(
             self.payer, self.pay_to, self.amount, self.valid_after, self.valid_before, self.auth_nonce,
             self.signature,
         )

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
+from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import Engine, text
 
-from payments.eip3009 import Authorization, TokenDomain, sign_authorization
+from payments.eip3009 import AUTHORIZATION_TYPES, Authorization, TokenDomain, sign_authorization
 from payments.intake import MintItem, enqueue_payment
-from payments.localstack import PAYMENT_TOKEN_NAME, PAYMENT_TOKEN_VERSION, Deployment, queue_signed_payments
+from payments.localstack import (
+    PAYMENT_TOKEN_NAME,
+    PAYMENT_TOKEN_VERSION,
+    Deployment,
+    deploy,
+    queue_signed_payments,
+    send_and_wait,
+)
 
 PRICE = 1_000_000
 
@@ -24,6 +33,36 @@ def authorize(dep: Deployment, buyer: LocalAccount, *, value: int = PRICE, valid
     return sign_authorization(buyer.key, domain(dep), pay_to=pay_to or dep.merchant, value=value,
                               valid_after=valid_after, valid_before=valid_before or int(time.time()) + 3600,
                               nonce=nonce)
+
+
+def by_address(owners: list[LocalAccount]) -> list[LocalAccount]:
+    return sorted(owners, key=lambda o: int(o.address, 16))
+
+
+def deploy_wallet(dep: Deployment, owners: list[LocalAccount], threshold: int = 1, *, funds: int = 0) -> str:
+    """A TestSmartWallet (test fixture: ERC-1271 by `threshold` of its owners' ECDSA signatures) holding
+    `funds` payment tokens."""
+    w3 = dep.w3()
+    wallet = deploy(w3, dep.deployer, "test/TestSmartWallet", [o.address for o in owners], threshold)
+    if funds:
+        send_and_wait(w3, dep.deployer, dep.payment_contract().functions.mint(wallet, funds))
+    return w3.to_checksum_address(wallet)
+
+
+def wallet_authorize(dep: Deployment, wallet: str, signers: list[LocalAccount], *, value: int = PRICE,
+                     valid_after: int = 0, valid_before: int | None = None, nonce: str | None = None,
+                     pay_to: str | None = None) -> Authorization:
+    """An authorization from the contract wallet `wallet`: its signature is what the wallet's ERC-1271
+    check expects, each signer's 65-byte ECDSA signature of the token's EIP-712 digest, in this order."""
+    nonce = nonce or "0x" + secrets.token_hex(32)
+    valid_before = valid_before or int(time.time()) + 3600
+    pay_to = pay_to or dep.merchant
+    message = {"from": wallet, "to": pay_to, "value": value, "validAfter": valid_after, "validBefore": valid_before,
+               "nonce": bytes.fromhex(nonce.removeprefix("0x"))}
+    signature = b"".join(bytes(Account.sign_typed_data(s.key, domain(dep).as_dict(), AUTHORIZATION_TYPES,
+                                                       message).signature) for s in signers)
+    return Authorization(payer=wallet, pay_to=pay_to, value=value, valid_after=valid_after,
+                         valid_before=valid_before, nonce=nonce, signature="0x" + signature.hex())
 
 
 def queue(engine: Engine, dep: Deployment, auth: Authorization, recipient: str | None = None) -> str:

@@ -1,5 +1,6 @@
 """The contracts on a real anvil: the EIP-3009 payment token (settlement, replay, expiry, forgery,
-cancellation) and the mint token's exactly-once mints (mintOnce)."""
+cancellation; EOAs by ECDSA and contract wallets by ERC-1271, in both signature forms) and the mint
+token's exactly-once mints (mintOnce)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,16 @@ from payments.chain import (
 from payments.config import REPO_ROOT
 from payments.eip3009 import Authorization
 from payments.localstack import Deployment, send_and_wait
-from tests.helpers import PRICE, authorize, balance, chain_time, domain
+from tests.helpers import (
+    PRICE,
+    authorize,
+    balance,
+    by_address,
+    chain_time,
+    deploy_wallet,
+    domain,
+    wallet_authorize,
+)
 
 TWA_VRS = "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
 TWA_BYTES = "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)"
@@ -122,6 +132,116 @@ def test_receive_with_authorization_needs_the_payee_as_caller(chain: Deployment)
 def test_eip712_domain_is_discoverable(chain: Deployment) -> None:
     fields = chain.payment_contract().functions.eip712Domain().call()
     assert fields[1:5] == ["USD Coin", "2", chain.chain_id, chain.w3().to_checksum_address(chain.payment_token)]
+
+
+# --------------------------------------------------------------------------- contract wallets (ERC-1271)
+
+
+def _owners(n: int) -> list[LocalAccount]:
+    from eth_account import Account
+
+    return by_address([Account.create() for _ in range(n)])
+
+
+@pytest.mark.chain
+@pytest.mark.parametrize(("threshold", "form"), [(1, "vrs"), (1, "bytes"), (2, "bytes")])
+def test_a_contract_wallet_pays_with_its_owners_signatures(chain: Deployment, threshold: int, form: str) -> None:
+    owners = _owners(2)
+    wallet = deploy_wallet(chain, owners, threshold, funds=10 * PRICE)
+    before = balance(chain, chain.merchant)
+    auth = wallet_authorize(chain, wallet, owners[:threshold])
+    assert len(bytes.fromhex(auth.signature[2:])) == 65 * threshold
+    receipt = _settle(chain, auth, form)
+    (used,) = chain.payment_contract().events.AuthorizationUsed().process_receipt(receipt, errors=DISCARD)
+    assert (used.args["authorizer"], used.args["nonce"]) == (wallet, bytes.fromhex(auth.nonce[2:]))
+    assert balance(chain, chain.merchant) == before + PRICE and balance(chain, wallet) == 9 * PRICE
+    with pytest.raises(ContractLogicError, match="used or canceled"):
+        _settle(chain, auth, form)  # replay
+
+
+@pytest.mark.chain
+def test_a_contract_wallet_signature_the_wallet_refuses_reverts(chain: Deployment) -> None:
+    owners, stranger = _owners(2), _owners(1)[0]
+    single = deploy_wallet(chain, owners[:1], 1, funds=10 * PRICE)
+    double = deploy_wallet(chain, owners, 2, funds=10 * PRICE)
+    refused = [
+        (single, [stranger], "vrs"),  # not an owner
+        (single, [stranger], "bytes"),
+        (double, owners[:1], "bytes"),  # one of two
+        (double, [owners[1], owners[0]], "bytes"),  # not in ascending order
+        (double, [owners[0], owners[0]], "bytes"),  # one owner twice
+    ]
+    for wallet, signers, form in refused:
+        with pytest.raises(ContractLogicError, match="invalid signature"):
+            _settle(chain, wallet_authorize(chain, wallet, signers), form)
+    tampered = Authorization(**{**wallet_authorize(chain, single, owners[:1]).__dict__, "value": 2 * PRICE})
+    with pytest.raises(ContractLogicError, match="invalid signature"):
+        _settle(chain, tampered, "bytes")
+    # an owner's own ECDSA signature does not make the owner's key sign for the wallet as an EOA would
+    eoa_style = Authorization(**{**authorize(chain, owners[0]).__dict__, "payer": single})
+    with pytest.raises(ContractLogicError, match="invalid signature"):
+        _settle(chain, eoa_style)
+    # a contract without isValidSignature (the call reverts) never authorizes
+    no_erc1271 = wallet_authorize(chain, Web3.to_checksum_address(chain.mint_token), owners[:1])
+    with pytest.raises(ContractLogicError, match="invalid signature"):
+        _settle(chain, no_erc1271, "bytes")
+    assert balance(chain, single) == balance(chain, double) == 10 * PRICE
+
+
+@pytest.mark.chain
+def test_an_eoa_signs_65_bytes_in_either_form(chain: Deployment) -> None:
+    auth = authorize(chain, chain.buyers[0])
+    longer = Authorization(**{**auth.__dict__, "signature": auth.signature + "00"})
+    with pytest.raises(ContractLogicError, match="invalid signature length"):
+        _settle(chain, longer, "bytes")
+    _settle(chain, auth, "bytes")
+
+
+@pytest.mark.chain
+def test_a_contract_wallet_cancels_an_authorization_by_erc1271(chain: Deployment) -> None:
+    from eth_account import Account
+
+    owners = _owners(1)
+    wallet = deploy_wallet(chain, owners, 1, funds=10 * PRICE)
+    auth = wallet_authorize(chain, wallet, owners)
+    cancel_types = {"CancelAuthorization": [{"name": "authorizer", "type": "address"},
+                                            {"name": "nonce", "type": "bytes32"}]}
+    nonce = bytes.fromhex(auth.nonce[2:])
+    sig = bytes(Account.sign_typed_data(owners[0].key, domain(chain).as_dict(), cancel_types,
+                                        {"authorizer": wallet, "nonce": nonce}).signature)
+    token = chain.payment_contract()
+    cancel_bytes = token.get_function_by_signature("cancelAuthorization(address,bytes32,bytes)")
+    with pytest.raises(ContractLogicError, match="invalid signature"):  # signed for another nonce
+        send_and_wait(chain.w3(), chain.signers[0], cancel_bytes(wallet, bytes(32), sig))
+    receipt = send_and_wait(chain.w3(), chain.signers[0], cancel_bytes(wallet, nonce, sig))
+    (canceled,) = token.events.AuthorizationCanceled().process_receipt(receipt, errors=DISCARD)
+    assert canceled.args["authorizer"] == wallet
+    with pytest.raises(ContractLogicError, match="used or canceled"):
+        _settle(chain, auth, "bytes")
+    assert balance(chain, wallet) == 10 * PRICE
+
+
+@pytest.mark.chain
+def test_receive_with_authorization_takes_a_contract_wallet_signature_from_the_payee(chain: Deployment) -> None:
+    owners = _owners(2)
+    wallet = deploy_wallet(chain, owners, 2, funds=10 * PRICE)
+    payee = chain.signers[1]
+    auth = wallet_authorize(chain, wallet, owners, pay_to=payee.address)
+    from eth_account import Account
+
+    receive_types = {"ReceiveWithAuthorization": [{"name": n, "type": t} for n, t in (
+        ("from", "address"), ("to", "address"), ("value", "uint256"), ("validAfter", "uint256"),
+        ("validBefore", "uint256"), ("nonce", "bytes32"))]}
+    message = {"from": wallet, "to": payee.address, "value": auth.value, "validAfter": 0,
+               "validBefore": auth.valid_before, "nonce": bytes.fromhex(auth.nonce[2:])}
+    sig = b"".join(bytes(Account.sign_typed_data(o.key, domain(chain).as_dict(), receive_types, message).signature)
+                   for o in owners)
+    receive = chain.payment_contract().get_function_by_signature(
+        "receiveWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)")
+    with pytest.raises(ContractLogicError, match="invalid signature"):  # a transfer's signature is not a receive's
+        send_and_wait(chain.w3(), payee, receive(*_args(auth), bytes.fromhex(auth.signature[2:])))
+    send_and_wait(chain.w3(), payee, receive(*_args(auth), sig))
+    assert balance(chain, payee.address) == PRICE and balance(chain, wallet) == 9 * PRICE
 
 
 # --------------------------------------------------------------------------- exactly-once mints

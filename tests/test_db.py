@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import uuid
 
 import pytest
 from sqlalchemy import Engine, text
@@ -59,9 +60,9 @@ def _status(engine: Engine, pid: str) -> str:
 
 
 def test_migrations_reach_head_and_are_idempotent(db_url: str) -> None:
-    assert current_revision(db_url) == head_revision() == "015"
+    assert current_revision(db_url) == head_revision() == "016"
     upgrade(db_url)  # again: nothing to do, nothing fails
-    assert current_revision(db_url) == "015"
+    assert current_revision(db_url) == "016"
 
 
 def test_every_migration_file_has_a_revision() -> None:
@@ -80,6 +81,22 @@ def test_status_enum_matches_the_check_constraint(engine: Engine) -> None:
         )).scalar_one()
     assert set(re.findall(r"'(\w+)'", definition)) == {s.value for s in PaymentStatus}
     assert set(re.findall(r"'(\w+)'", mint_def)) == {s.value for s in MintStatus}
+
+
+def test_the_queue_takes_contract_wallet_signatures_of_65_to_2048_bytes(engine: Engine) -> None:
+    """The CHECK on payment_queue.signature (migration 016) holds what the intake accepts, written around it."""
+    def insert(signature: str) -> None:
+        with transaction(engine, "test") as conn:
+            fetch_all(conn, "insert_payment", id=f"pay_{uuid.uuid4().hex}", chain_id=31337, token=TOKEN,
+                      payer="0x" + "ee" * 20, pay_to="0x" + "22" * 20, amount=1, valid_after=0, valid_before=9,
+                      auth_nonce="0x" + uuid.uuid4().hex * 2, signature=signature, authorization="{}")
+
+    for length in (65, 66, 130, 2048):
+        insert("0x" + "ab" * length)
+    for bad in ("0x" + "ab" * 64, "0x" + "ab" * 2049, "0x" + "a" * 131, "0x" + "AB" * 65, "0x" + "zz" * 65,
+                "ab" * 66):
+        with pytest.raises(IntegrityError, match="payment_queue_signature_check"):
+            insert(bad)
 
 
 def test_seed_index_and_settings_exist(engine: Engine) -> None:

@@ -13,14 +13,17 @@ from payments.chain import (
     Fees,
     RpcResult,
     broadcast_accepted,
+    erc6492_inner_signature,
     failure_code,
     fees_from,
     mint_id_for,
     mint_id_used_calldata,
     mint_once_calldata,
     revert_reason,
+    settlement_data,
     sign_tx,
     split_signature,
+    transfer_with_authorization_bytes_data,
     transfer_with_authorization_data,
 )
 from payments.config import signer_from_key
@@ -101,6 +104,43 @@ def test_transfer_with_authorization_calldata_matches_abi_encoding() -> None:
     expected = encode(["address", "address", "uint256", "uint256", "uint256", "bytes32", "uint8", "bytes32",
                        "bytes32"], [auth.payer, auth.pay_to, 5, 1, 9, bytes.fromhex("33" * 32), v, r, s])
     assert data[:4].hex() == "e3ee160e" and data[4:] == expected
+
+
+TWA_BYTES_TYPES = ["address", "address", "uint256", "uint256", "uint256", "bytes32", "bytes"]
+MAGIC_6492 = bytes.fromhex("6492" * 16)
+
+
+def _wrap_6492(inner: bytes) -> bytes:
+    return encode(["address", "bytes", "bytes"], ["0x" + "fa" * 20, b"\x01\x02create", inner]) + MAGIC_6492
+
+
+def test_settlement_uses_the_vrs_form_for_ecdsa_signatures_and_the_bytes_form_otherwise() -> None:
+    auth = sign_authorization(KEY, DOMAIN, pay_to="0x" + "22" * 20, value=5, valid_after=1, valid_before=9,
+                              nonce="0x" + "33" * 32)
+    fields = (auth.payer, auth.pay_to, 5, 1, 9, auth.nonce)
+    eoa = settlement_data(*fields, auth.signature)
+    assert eoa == transfer_with_authorization_data(*fields, auth.signature) and eoa[:4].hex() == "e3ee160e"
+    low_v = auth.signature[:-2] + f"{int(auth.signature[-2:], 16) - 27:02x}"  # v as 0/1: normalised to 27/28
+    assert settlement_data(*fields, low_v) == eoa
+
+    def bytes_form(signature: bytes) -> bytes:
+        data = transfer_with_authorization_bytes_data(*fields, signature)
+        assert data[:4] == keccak(text="transferWithAuthorization(address,address,uint256,uint256,uint256,"
+                                       "bytes32,bytes)")[:4]
+        assert data[4:] == encode(TWA_BYTES_TYPES, [auth.payer, auth.pay_to, 5, 1, 9, bytes.fromhex("33" * 32),
+                                                    signature])
+        return data
+
+    two_owners = bytes.fromhex(auth.signature[2:]) * 2
+    assert settlement_data(*fields, "0x" + two_owners.hex()) == bytes_form(two_owners)
+    not_a_v = bytes.fromhex(auth.signature[2:-2]) + b"\x05"  # 65 bytes, but no ECDSA v: as signed
+    assert settlement_data(*fields, "0x" + not_a_v.hex()) == bytes_form(not_a_v)
+    # ERC-6492: the inner signature settles (a deployed wallet checks it), in the form its shape calls for
+    assert settlement_data(*fields, "0x" + _wrap_6492(two_owners).hex()) == bytes_form(two_owners)
+    assert settlement_data(*fields, "0x" + _wrap_6492(bytes.fromhex(auth.signature[2:])).hex()) == eoa
+    garbled = b"\x07" * 40 + MAGIC_6492  # the suffix without a wrapper that decodes: left as it is
+    assert erc6492_inner_signature(garbled) == garbled
+    assert settlement_data(*fields, "0x" + garbled.hex()) == bytes_form(garbled)
 
 
 TOKEN = "0x" + "ab" * 20
@@ -283,10 +323,18 @@ def test_intake_validation_rejects_malformed_input() -> None:
         dataclasses.replace(auth, valid_before=0),
         dataclasses.replace(auth, nonce="0x12"),
         dataclasses.replace(auth, signature="0x" + "00" * 10),
+        dataclasses.replace(auth, signature="0x" + "00" * 64),
+        dataclasses.replace(auth, signature="0x" + "00" * 2049),
+        dataclasses.replace(auth, signature="0x" + "0" * 131),  # not whole bytes
+        dataclasses.replace(auth, signature="0x" + "zz" * 65),
+        dataclasses.replace(auth, signature="00" * 66),
+        dataclasses.replace(auth, signature=auth.signature + "\n"),  # `$` would let a newline through
     ]
     for b in bad:
         with pytest.raises(InvalidPaymentError):
             validate(b, [])
+    for length in (65, 130, 2048):  # an EOA's; contract wallets' (ERC-1271) up to 2 KiB
+        validate(dataclasses.replace(auth, signature="0x" + "Ab" * length), [])
     with pytest.raises(InvalidPaymentError):
         validate(auth, [MintItem("0x" + "44" * 20, "nobody", 1)])
 

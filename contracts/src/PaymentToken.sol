@@ -4,6 +4,11 @@ pragma solidity ^0.8.24;
 /// @title PaymentToken
 /// @notice A USDC-like ERC-20 (6 decimals) with EIP-3009 authorizations and EIP-712 signatures.
 ///         Revert reasons follow Circle's FiatTokenV2 so error classification matches mainnet USDC.
+/// @dev Signatures are checked like USDC v2.2's SignatureChecker, in both forms (v,r,s and bytes): an
+///      authorizer without code is an EOA (ECDSA, 65 bytes, low s, v 27/28); an authorizer with code - a
+///      contract wallet, or an EOA with an EIP-7702 delegation - must answer ERC-1271
+///      `isValidSignature(digest, signature)` with the magic value, and there is no ECDSA fallback (the
+///      same routing as the x402 verifier). The v,r,s form hands a contract wallet `abi.encodePacked(r, s, v)`.
 contract PaymentToken {
     string public name;
     string public symbol;
@@ -27,6 +32,7 @@ contract PaymentToken {
     );
     bytes32 public constant CANCEL_AUTHORIZATION_TYPEHASH =
         keccak256("CancelAuthorization(address authorizer,bytes32 nonce)");
+    bytes4 private constant _ERC1271_MAGIC_VALUE = 0x1626ba7e; // isValidSignature(bytes32,bytes)
     bytes32 private constant _EIP712_DOMAIN_TYPEHASH =
         keccak256("EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)");
 
@@ -125,9 +131,10 @@ contract PaymentToken {
         bytes32 r,
         bytes32 s
     ) external {
-        _transferWithAuthorization(
-            TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, v, r, s
-        );
+        bytes32 digest =
+            _authorizationDigest(TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce);
+        _requireValidSignature(from, digest, v, r, s);
+        _useAuthorization(from, to, value, nonce);
     }
 
     function transferWithAuthorization(
@@ -139,10 +146,10 @@ contract PaymentToken {
         bytes32 nonce,
         bytes memory signature
     ) external {
-        (uint8 v, bytes32 r, bytes32 s) = _splitSignature(signature);
-        _transferWithAuthorization(
-            TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, v, r, s
-        );
+        bytes32 digest =
+            _authorizationDigest(TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce);
+        _requireValidSignature(from, digest, signature);
+        _useAuthorization(from, to, value, nonce);
     }
 
     function receiveWithAuthorization(
@@ -157,42 +164,101 @@ contract PaymentToken {
         bytes32 s
     ) external {
         require(to == msg.sender, "FiatTokenV2: caller must be the payee");
-        _transferWithAuthorization(
-            RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, v, r, s
-        );
+        bytes32 digest =
+            _authorizationDigest(RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce);
+        _requireValidSignature(from, digest, v, r, s);
+        _useAuthorization(from, to, value, nonce);
     }
 
-    function cancelAuthorization(address authorizer, bytes32 nonce, uint8 v, bytes32 r, bytes32 s) external {
-        require(!_authorizationStates[authorizer][nonce], "FiatTokenV2: authorization is used or canceled");
-        bytes32 digest = _hashTypedData(keccak256(abi.encode(CANCEL_AUTHORIZATION_TYPEHASH, authorizer, nonce)));
-        require(_recover(digest, v, r, s) == authorizer, "FiatTokenV2: invalid signature");
-        _authorizationStates[authorizer][nonce] = true;
-        emit AuthorizationCanceled(authorizer, nonce);
-    }
-
-    // ---------------------------------------------------------------- internals
-
-    function _transferWithAuthorization(
-        bytes32 typeHash,
+    function receiveWithAuthorization(
         address from,
         address to,
         uint256 value,
         uint256 validAfter,
         uint256 validBefore,
         bytes32 nonce,
-        uint8 v,
-        bytes32 r,
-        bytes32 s
-    ) private {
+        bytes memory signature
+    ) external {
+        require(to == msg.sender, "FiatTokenV2: caller must be the payee");
+        bytes32 digest =
+            _authorizationDigest(RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce);
+        _requireValidSignature(from, digest, signature);
+        _useAuthorization(from, to, value, nonce);
+    }
+
+    function cancelAuthorization(address authorizer, bytes32 nonce, uint8 v, bytes32 r, bytes32 s) external {
+        _requireValidSignature(authorizer, _cancelDigest(authorizer, nonce), v, r, s);
+        _cancelAuthorization(authorizer, nonce);
+    }
+
+    function cancelAuthorization(address authorizer, bytes32 nonce, bytes memory signature) external {
+        _requireValidSignature(authorizer, _cancelDigest(authorizer, nonce), signature);
+        _cancelAuthorization(authorizer, nonce);
+    }
+
+    // ---------------------------------------------------------------- internals
+
+    /// @dev The EIP-712 digest of an authorization, after the checks that need no signature.
+    function _authorizationDigest(
+        bytes32 typeHash,
+        address from,
+        address to,
+        uint256 value,
+        uint256 validAfter,
+        uint256 validBefore,
+        bytes32 nonce
+    ) private view returns (bytes32) {
         require(block.timestamp > validAfter, "FiatTokenV2: authorization is not yet valid");
         require(block.timestamp < validBefore, "FiatTokenV2: authorization is expired");
         require(!_authorizationStates[from][nonce], "FiatTokenV2: authorization is used or canceled");
-        bytes32 digest =
-            _hashTypedData(keccak256(abi.encode(typeHash, from, to, value, validAfter, validBefore, nonce)));
-        require(_recover(digest, v, r, s) == from, "FiatTokenV2: invalid signature");
+        return _hashTypedData(keccak256(abi.encode(typeHash, from, to, value, validAfter, validBefore, nonce)));
+    }
+
+    function _useAuthorization(address from, address to, uint256 value, bytes32 nonce) private {
         _authorizationStates[from][nonce] = true;
         emit AuthorizationUsed(from, nonce);
         _transfer(from, to, value);
+    }
+
+    function _cancelDigest(address authorizer, bytes32 nonce) private view returns (bytes32) {
+        require(!_authorizationStates[authorizer][nonce], "FiatTokenV2: authorization is used or canceled");
+        return _hashTypedData(keccak256(abi.encode(CANCEL_AUTHORIZATION_TYPEHASH, authorizer, nonce)));
+    }
+
+    function _cancelAuthorization(address authorizer, bytes32 nonce) private {
+        _authorizationStates[authorizer][nonce] = true;
+        emit AuthorizationCanceled(authorizer, nonce);
+    }
+
+    /// @dev SignatureChecker semantics (v,r,s form): ECDSA for an authorizer without code, ERC-1271 otherwise.
+    function _requireValidSignature(address signer, bytes32 digest, uint8 v, bytes32 r, bytes32 s) private view {
+        if (signer.code.length == 0) {
+            require(_recover(digest, v, r, s) == signer, "FiatTokenV2: invalid signature");
+        } else {
+            require(_isValidERC1271Signature(signer, digest, abi.encodePacked(r, s, v)), "FiatTokenV2: invalid signature");
+        }
+    }
+
+    /// @dev SignatureChecker semantics (bytes form): ECDSA for an authorizer without code, ERC-1271 otherwise.
+    function _requireValidSignature(address signer, bytes32 digest, bytes memory signature) private view {
+        if (signer.code.length == 0) {
+            (uint8 v, bytes32 r, bytes32 s) = _splitSignature(signature);
+            require(_recover(digest, v, r, s) == signer, "FiatTokenV2: invalid signature");
+        } else {
+            require(_isValidERC1271Signature(signer, digest, signature), "FiatTokenV2: invalid signature");
+        }
+    }
+
+    /// @dev ERC-1271: a static call (the wallet cannot change state while it is asked), valid only when it
+    ///      succeeds and returns the magic value; a revert, a short answer or another value is invalid.
+    function _isValidERC1271Signature(address signer, bytes32 digest, bytes memory signature)
+        private
+        view
+        returns (bool)
+    {
+        (bool success, bytes memory result) =
+            signer.staticcall(abi.encodeWithSelector(_ERC1271_MAGIC_VALUE, digest, signature));
+        return success && result.length >= 32 && abi.decode(result, (bytes32)) == bytes32(_ERC1271_MAGIC_VALUE);
     }
 
     function _transfer(address from, address to, uint256 value) private {
