@@ -133,7 +133,7 @@ _UINT = re.compile(r"^[0-9]{1,78}$")
 def _uint256(value: Any, what: str) -> int:
     """A uint256 given as a decimal string (x402's form) or a JSON integer; never a float, bool, NaN or
     Infinity, and never anything that could overflow later."""
-    if isinstance(value, str) and _UINT.match(value):
+    if isinstance(value, str) and _UINT.fullmatch(value):
         number = int(value)
     elif isinstance(value, int) and not isinstance(value, bool):
         number = value
@@ -145,7 +145,7 @@ def _uint256(value: Any, what: str) -> int:
 
 
 def _text(value: Any, pattern: re.Pattern[str], what: str) -> str:
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise PaymentRejected(ERR_MALFORMED, f"{what} is malformed")
     return value
 

@@ -35,7 +35,7 @@ def new_payment_id() -> str:
 
 
 def _address(value: str, what: str) -> str:
-    if not isinstance(value, str) or not _ADDRESS.match(value):
+    if not isinstance(value, str) or not _ADDRESS.fullmatch(value):
         raise InvalidPaymentError("invalid_payload", f"{what} is not a 20-byte hex address")
     return value.lower()
 
@@ -56,7 +56,7 @@ def validate(auth: Authorization, mints: list[MintItem]) -> None:
     _uint(auth.valid_before, "authorization.validBefore")
     if auth.valid_before <= auth.valid_after:
         raise InvalidPaymentError("invalid_payload", "validBefore must be after validAfter")
-    if not _BYTES32.match(auth.nonce):
+    if not _BYTES32.fullmatch(auth.nonce):
         raise InvalidPaymentError("invalid_payload", "authorization.nonce is not 32 bytes of hex")
     if not is_signature_hex(auth.signature):  # 65 bytes from an EOA; a contract wallet's may be longer
         raise InvalidPaymentError("invalid_payload", f"signature is not {MIN_SIGNATURE_BYTES} to "

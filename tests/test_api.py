@@ -308,6 +308,10 @@ def test_absurd_numbers_and_keys_are_4xx(api: TestClient, pipeline: Pipeline, ch
             response = _buy(api, _raw_header(req, auth, **{field_: raw}))
             assert response.status_code == 400, (field_, raw, response.text)
             assert response.json()["error"] == "invalid_payload" and "PAYMENT-REQUIRED" in response.headers
+    for field_, raw in (("nonce", json.dumps(auth.nonce + "\n")), ("from", json.dumps(auth.payer + "\n")),
+                        ("to", json.dumps(auth.pay_to + "\n")), ("value", json.dumps(str(auth.value) + "\n"))):
+        response = _buy(api, _raw_header(req, auth, **{field_: raw}))  # a trailing newline is not a value
+        assert 400 <= response.status_code < 500, (field_, response.status_code, response.text)
     for key in ("é", "\u00ff" * 40, "key\u0080", API_KEY + "é"):
         refused = api.put("/api/admin/settings/payment_batch_size", json={"value": "50"},
                           headers={"X-API-Key": key.encode("utf-8")})
