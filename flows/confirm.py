@@ -6,16 +6,18 @@ does not wait 2 s per 20."""
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import Field
 
+from flows.runs import finish_run, has_work
 from flows.ticks import add_counts, counts, tick_loop
 from payments.settings import PipelineSettings
 from tasks.common import Pipeline
-from tasks.confirm import ConfirmReport, confirm_tick_task
+from tasks.confirm import ConfirmReport, confirm_tick, confirm_tick_task
 
 
 @flow(name="confirm-payments")
@@ -25,6 +27,7 @@ def confirm_payments(
 ) -> dict[str, int]:
     """Decide sent payments from the chain and tend every wallet for `run_seconds` (default:
     system_settings.confirm_run_seconds)."""
+    started = time.monotonic()
     p = Pipeline.from_env()
     settings = p.settings()
     window = settings.confirm_run_seconds if run_seconds is None else run_seconds
@@ -32,11 +35,14 @@ def confirm_payments(
     total = ConfirmReport()
 
     def tick(settings: PipelineSettings) -> bool:
-        report = confirm_tick_task(p, actor, settings)
+        # a task run only when payments wait; an idle tick still tends the wallets, in the flow itself
+        report = (confirm_tick_task(p, actor, settings) if has_work(p.engine, "confirm", p.chain_id)
+                  else confirm_tick(p, actor, settings))
         add_counts(total, report)
         # a full pass that made progress: more receipts are waiting, check them at once
         moved = report.completed + report.released + report.confirmation_failed + report.requeued + report.reorged
         return report.checked >= settings.confirmation_batch_size and moved > 0
 
     tick_loop(p.settings, window, lambda s: s.confirmation_interval_ms, tick, max_ticks)
+    finish_run("confirm", counts(total), started)
     return counts(total)

@@ -3,17 +3,19 @@ Ticks every `confirmation_interval_ms` for `confirm_run_seconds`, like the confi
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import Field
 
+from flows.runs import finish_run, has_work
 from flows.ticks import add_counts, counts, tick_loop
 from payments.config import load_minter
 from payments.settings import PipelineSettings
 from tasks.common import Pipeline, new_owner_id, run_logger, signer_lanes
-from tasks.mint import MintReport, mint_tick_task
+from tasks.mint import MintReport, mint_tick, mint_tick_task
 
 
 @flow(name="mint-tokens")
@@ -21,6 +23,7 @@ def mint_tokens(
     run_seconds: Annotated[int | None, Field(ge=0, le=3600)] = None,
     max_ticks: Annotated[int | None, Field(ge=1, le=100_000)] = None,
 ) -> dict[str, int]:
+    started = time.monotonic()
     p = Pipeline.from_env()
     minter = load_minter()
     settings = p.settings()
@@ -33,11 +36,13 @@ def mint_tokens(
             return counts(total)
 
         def tick(settings: PipelineSettings) -> bool:
-            report = mint_tick_task(p, minter, owner, settings)
+            report = (mint_tick_task(p, minter, owner, settings) if has_work(p.engine, "mint")
+                      else mint_tick(p, minter, owner, settings))  # idle: the minter is tended, no task run
             add_counts(total, report)
             return report.claimed >= settings.mint_batch_size
 
         tick_loop(p.settings, window, lambda s: s.confirmation_interval_ms, tick, max_ticks)
     if total.minted:
         run_logger().info("✅ %d mints confirmed", total.minted)
+    finish_run("mint", counts(total), started)
     return counts(total)

@@ -7,12 +7,14 @@ Each run owns the signer lanes it could lock; a second run finds them busy and l
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 from prefect import flow, unmapped
 from prefect.runtime import flow_run
 from pydantic import Field
 
+from flows.runs import finish_run, has_work
 from flows.ticks import add_counts, counts, tick_loop
 from payments.settings import PipelineSettings
 from tasks.common import Pipeline, chunked, new_owner_id, run_logger, signer_lanes
@@ -28,6 +30,8 @@ from tasks.send import (
 def send_tick(p: Pipeline, lanes: list[Any], owner: str, settings: PipelineSettings) -> SendReport:
     """One tick over every owned lane: prepare each lane (concurrently), then broadcast in chunks."""
     report = SendReport()
+    if not has_work(p.engine, "send", p.chain_id):
+        return report  # idle: no task runs
     expired = release_expired_leases(p, owner)
     prepared = [prepare_lane_batch_task.submit(p, signer, owner, settings) for signer in lanes]
     chunks: list[list[tuple[str, str]]] = []
@@ -55,6 +59,7 @@ def send_payments(
 ) -> dict[str, int]:
     """Claim, simulate, sign, persist and broadcast pending payments for `run_seconds`
     (default: system_settings.send_run_seconds; 0 = a single tick)."""
+    started = time.monotonic()
     p = Pipeline.from_env()
     settings = p.settings()
     window = settings.send_run_seconds if run_seconds is None else run_seconds
@@ -72,4 +77,5 @@ def send_payments(
             return report.claimed >= settings.payment_batch_size * len(lanes)
 
         tick_loop(p.settings, window, lambda s: s.payment_batch_interval_ms, tick, max_ticks)
+    finish_run("send", counts(total), started)
     return counts(total)

@@ -3,12 +3,14 @@ retries with backoff; ticks every confirmation_interval_ms for confirm_run_secon
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
+from flows.runs import finish_run, has_work
 from flows.ticks import add_counts, counts, tick_loop
 from payments.config import require_env
 from payments.db import engine_for
@@ -25,6 +27,7 @@ def deliver_batch(database_url: str) -> WebhookReport:
 
 @flow(name="deliver-webhooks")
 def deliver_webhooks(run_seconds: Annotated[int | None, Field(ge=0, le=3600)] = None) -> dict[str, int]:
+    started = time.monotonic()
     database_url = require_env("DATABASE_URL")
     engine = engine_for(database_url)
     with engine.connect() as conn:
@@ -37,9 +40,12 @@ def deliver_webhooks(run_seconds: Annotated[int | None, Field(ge=0, le=3600)] = 
             return read_settings(conn)
 
     def tick(settings: PipelineSettings) -> bool:
+        if not has_work(engine, "webhooks"):
+            return False  # nothing due: no task run
         report = deliver_batch(database_url)
         add_counts(total, report)
         return report.attempted >= WEBHOOK_BATCH
 
     tick_loop(reread, window, lambda s: s.confirmation_interval_ms, tick)
+    finish_run("webhooks", counts(total), started)
     return counts(total)

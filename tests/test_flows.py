@@ -204,6 +204,29 @@ def test_alert_opens_reminds_and_resolves_through_a_prefect_automation(
         receiver.stop()
 
 
+def test_idle_runs_make_no_task_runs_and_every_run_says_what_it_did(
+    flow_env: dict[str, str], chain: Deployment, embedded_engine: Engine
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    def run_of(state: Any) -> tuple[str, int]:
+        run_id = state.state_details.flow_run_id
+        with get_client(sync_client=True) as client:
+            name = client.read_flow_run(run_id).name
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+        return name, len(tasks)
+
+    idle = [send_payments(run_seconds=0, max_ticks=3, return_state=True),
+            confirm_payments(run_seconds=0, max_ticks=3, return_state=True)]
+    for state in idle:
+        name, tasks = run_of(state)
+        assert tasks == 0 and name.endswith("nothing to do"), (name, tasks)
+    queue_many(embedded_engine, chain, 3)
+    name, tasks = run_of(send_payments(run_seconds=0, max_ticks=1, return_state=True))
+    assert name.startswith("send ") and "sent 3" in name and tasks >= 2, (name, tasks)
+
+
 def test_the_ui_is_told_to_reach_its_own_server(prefect_api: str) -> None:
     import requests
 

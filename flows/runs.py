@@ -1,0 +1,48 @@
+"""What every pipeline run says about itself: a cheap check whether a tick has work (so idle ticks
+create no task runs), and at the end one INFO line and a run name that say what the run did."""
+
+from __future__ import annotations
+
+import time
+from uuid import UUID
+
+from sqlalchemy import Engine, text
+
+from tasks.common import run_logger
+
+_WORK = {
+    "send": "SELECT EXISTS (SELECT 1 FROM payment_queue WHERE chain_id = :c AND (status = 'pending' "
+            "OR (status = 'processing' AND lease_expires_at < now())))",
+    "confirm": "SELECT EXISTS (SELECT 1 FROM payment_queue WHERE chain_id = :c AND (status = 'sent' "
+               "OR (status = 'completed' AND final_at IS NULL)))",
+    "mint": "SELECT EXISTS (SELECT 1 FROM mint_queue WHERE status IN ('released', 'minting'))",
+    "webhooks": "SELECT EXISTS (SELECT 1 FROM webhook_deliveries WHERE status = 'pending' "
+                "AND next_attempt_at <= now())",
+}
+
+
+def has_work(engine: Engine, stage: str, chain_id: int = 0) -> bool:
+    """Whether a tick of this stage has rows to work on (an indexed EXISTS; no task run is made for an
+    idle tick)."""
+    with engine.connect() as conn:
+        return bool(conn.execute(text(_WORK[stage]), {"c": chain_id}).scalar())
+
+
+def summary(report: dict[str, int]) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report.items() if v) or "nothing to do"
+
+
+def finish_run(stage: str, report: dict[str, int], started: float) -> None:
+    """One INFO line with the run's counts, and the run renamed to say what it did."""
+    line = summary(report)
+    run_logger().info("%s run done in %.0f s: %s", stage, time.monotonic() - started, line)
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.runtime import flow_run
+
+        run_id = flow_run.get_id()
+        if run_id:
+            with get_client(sync_client=True) as client:
+                client.update_flow_run(UUID(str(run_id)), name=f"{stage} {time.strftime('%H:%M:%S')}: {line}"[:120])
+    except Exception as exc:  # a name is never worth failing a run for
+        run_logger().debug("could not rename the run: %s", exc)
