@@ -1,9 +1,24 @@
-"""Serve the send and confirm deployments from this process (the local stack and single-machine
-installs). Production runs the same flows from prefect.yaml on a work pool (see README).
+"""Serve every deployment from this process (the local stack and single-machine installs). Production
+runs the same flows from prefect.yaml on a work pool (see README).
 
 Schedules come from system_settings: a send run is due every `send_run_seconds` and ticks at
 `payment_batch_interval_ms` inside; a confirm run is due every `confirm_run_seconds` and ticks at
-`confirmation_interval_ms` inside."""
+`confirmation_interval_ms` inside.
+
+No deployment has a Prefect concurrency limit, on purpose. A limit is a slot held by a lease that the
+live run renews: a run killed together with its runner (kill -9, OOM, a lost machine) keeps its slot
+until the lease runs out (300 s), and a Prefect server restart forgets the leases but not the taken
+slots, so a limit of 1 or 2 lets one crash stop the pipeline. Overlapping runs are harmless instead,
+because safety comes from the database:
+- send: pending payments are claimed `FOR UPDATE SKIP LOCKED` with a lease, and each signer lane is a
+  session advisory lock (a second run finds the lanes busy and ends; the lock goes with a dead process);
+- confirm, mint, webhooks: every status change is one statement guarded by the expected old status, so
+  two runs applying the same receipt or delivery change each row once;
+- monitor: alert transitions are guarded statements, so two passes notify once.
+What bounds the overlap: each pipeline run ticks for at most its window, counted from when it was due
+(flows.ticks: a run that starts late ends early, one that starts after its window does one tick), and
+the runner starts at most RUNNER_LIMIT runs at once; runs beyond that wait in the schedule.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +26,6 @@ from datetime import timedelta
 from typing import Any, cast
 
 from prefect import serve
-from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import RunnerDeployment
 from sqlalchemy import text
 
@@ -30,29 +44,33 @@ SEND_DEPLOYMENT = "send-payments/send"
 CONFIRM_DEPLOYMENT = "confirm-payments/confirm"
 MINT_DEPLOYMENT = "mint-tokens/mint"
 
+# Steady state is one run per scheduled deployment (5), plus the next run of a deployment, which the
+# runner starts up to 10 s (its prefetch) before it is due, plus a recovery run started by hand.
+# Each run is a Python process of 80-90 MB. The limit lives in this process only: a killed run frees
+# its place when the runner sees it exit, and a killed serve process takes all of them with it.
+RUNNER_LIMIT = 8
+
 
 def build_deployments(settings: PipelineSettings, monitor_interval_seconds: int = 30) -> list[RunnerDeployment]:
-    # Two overlapping runs are harmless (lane locks, SKIP LOCKED claims, guarded updates); more than two
-    # would only queue up behind each other.
-    limit = ConcurrencyLimitConfig(limit=2, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
     pipeline_every = timedelta(seconds=max(settings.send_run_seconds, 5))
     receipts_every = timedelta(seconds=max(settings.confirm_run_seconds, 5))
-    scheduled: list[tuple[Any, str, timedelta, Any, str]] = [
-        (send_payments, "send", pipeline_every, limit,
+    scheduled: list[tuple[Any, str, timedelta, str]] = [
+        (send_payments, "send", pipeline_every,
          "Claim pending payments, sign, persist, broadcast (ticks every payment_batch_interval_ms)"),
-        (confirm_payments, "confirm", receipts_every, limit,
+        (confirm_payments, "confirm", receipts_every,
          "Apply receipts, release mints, handle stuck transactions (ticks every confirmation_interval_ms)"),
-        (mint_tokens, "mint", receipts_every, limit,
+        (mint_tokens, "mint", receipts_every,
          "Mint what completed payments bought, from the minter wallet, and confirm it"),
-        (deliver_webhooks, "webhooks", receipts_every, limit,
+        (deliver_webhooks, "webhooks", receipts_every,
          "POST merchant webhooks with HMAC signatures, retrying with backoff"),
-        (monitor_payments, "monitor", timedelta(seconds=monitor_interval_seconds), 1,
+        (monitor_payments, "monitor", timedelta(seconds=monitor_interval_seconds),
          "Queue depth, sent age, confirmation rate, processing time, gas and nonce health against the thresholds"),
     ]
+    # concurrency_limit=None is sent to the server and removes a limit an earlier version registered.
     deployments = [
-        f.to_deployment(name=name, interval=every, concurrency_limit=conc, tags=["payments", name],
+        f.to_deployment(name=name, interval=every, concurrency_limit=None, tags=["payments", name],
                         description=description)
-        for f, name, every, conc, description in scheduled
+        for f, name, every, description in scheduled
     ]
     deployments += [
         f.to_deployment(name="manual", tags=["payments", "recovery"],
@@ -62,13 +80,19 @@ def build_deployments(settings: PipelineSettings, monitor_interval_seconds: int 
     return [cast(RunnerDeployment, d) for d in deployments]
 
 
-def main() -> None:
-    with engine_for(require_env("DATABASE_URL")).connect() as conn:
+def start() -> None:
+    """Read the schedules from system_settings, set up alert delivery and serve every deployment (blocks)."""
+    engine = engine_for(require_env("DATABASE_URL"))
+    with engine.connect() as conn:
         settings = read_settings(conn)
         monitor_every = conn.execute(text(
             "SELECT value FROM system_settings WHERE key = 'monitor_interval_seconds'")).scalar_one_or_none()
     configure_alerts()
-    serve(*build_deployments(settings, max(int(monitor_every or 30), 5)), limit=6)
+    serve(*build_deployments(settings, max(int(monitor_every or 30), 5)), limit=RUNNER_LIMIT)
+
+
+def main() -> None:
+    start()
 
 
 if __name__ == "__main__":

@@ -1,23 +1,43 @@
 """The loop every pipeline flow runs: a Prefect schedule cannot tick every 2-4 s (each run is a fresh
-process), so one scheduled run ticks at the seed's interval for a bounded window and then ends."""
+process), so one scheduled run ticks at the seed's interval for a bounded window and then ends.
+
+The window is counted from when the run was due, not from when it started: a run that starts late (the
+runner was busy, or the serve process was down and restarted) ends when an on-time run would have, and
+one that starts after its whole window does a single tick. Late runs therefore never pile up: a backlog
+of them drains at one tick each while the current run does the work."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import Any
 
 from payments.settings import PipelineSettings
 
 
+def seconds_late() -> float:
+    """How long after its scheduled start this flow run is (0 outside a flow run, or when it started early)."""
+    from prefect.runtime import flow_run
+
+    try:
+        due = flow_run.get_scheduled_start_time()
+    except Exception:  # no API to ask: run the whole window
+        return 0.0
+    return max(0.0, (datetime.now(UTC) - due).total_seconds())
+
+
 def tick_loop(read_settings: Callable[[], PipelineSettings], window: int,
               interval_ms: Callable[[PipelineSettings], int], tick: Callable[[PipelineSettings], bool],
-              max_ticks: int | None = None) -> int:
-    """Call `tick` (settings re-read each time) every interval for `window` seconds. A tick that returns
-    True found a full batch: the next one starts at once (window 0: drain until a tick is not full).
-    Returns the number of ticks."""
-    deadline = time.monotonic() + window
+              max_ticks: int | None = None, late_by: float | None = None) -> int:
+    """Call `tick` (settings re-read each time) every interval until `window` seconds after the run was
+    due (`late_by`: how late it started; default: asked from the flow run). A tick that returns True
+    found a full batch: the next one starts at once (window 0: drain until a tick is not full).
+    At least one tick always runs. Returns the number of ticks."""
+    if window > 0 and late_by is None:
+        late_by = seconds_late()
+    deadline = time.monotonic() + window - (late_by or 0.0)
     ticks = 0
     while True:
         started = time.monotonic()

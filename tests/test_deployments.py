@@ -26,3 +26,12 @@ def test_prefect_yaml_entrypoints_load_and_match_the_served_deployments() -> Non
 def test_only_the_pipeline_and_monitor_are_scheduled() -> None:
     scheduled = {d.flow_name for d in build_deployments(PipelineSettings()) if d.schedules}
     assert scheduled == {"send-payments", "confirm-payments", "mint-tokens", "deliver-webhooks", "monitor-payments"}
+
+
+def test_no_deployment_has_a_concurrency_limit() -> None:
+    """A limit's slot outlives a run killed with its runner (until its 300 s lease ends, or for good
+    after a Prefect server restart); overlapping runs are harmless, so there are none."""
+    assert all(d.concurrency_limit is None for d in build_deployments(PipelineSettings()))
+    spec = yaml.safe_load((REPO_ROOT / "deployments" / "prefect.yaml").read_text())
+    assert not any("concurrency_limit" in d for d in spec["deployments"])
+

@@ -4,6 +4,7 @@ that matter, followed by a restart."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from payments.localstack import Deployment, create_database
 from payments.prefect_server import start_prefect_server
 from payments.settings import write_setting
 from tests.conftest import _server
-from tests.helpers import PRICE, balance, mint_statuses, queue_many, statuses
+from tests.helpers import PRICE, balance, mint_statuses, payment, queue_many, statuses
 
 pytestmark = [pytest.mark.flow, pytest.mark.chain]
 
@@ -235,6 +236,79 @@ def test_the_ui_is_told_to_reach_its_own_server(prefect_api: str) -> None:
     assert settings["api_url"] == prefect_api  # not the default http://127.0.0.1:4200/api
 
 
+def _spawn_serve(env: dict[str, str], log: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "deployments.serve"], cwd=REPO_ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=20)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # and any flow run still in its group
+    process.wait(timeout=5)
+
+
+def _active_runs(flow_name: str, deployment_name: str) -> int:
+    """Runs of a deployment that are Pending or Running: those a deployment concurrency limit counts."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    with get_client(sync_client=True) as client:
+        return len(client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment_name])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING])))))
+
+
+@pytest.mark.crash
+def test_kill_9_of_the_serve_process_and_its_runs_does_not_stall_the_pipeline(
+    flow_env: dict[str, str], chain: Deployment, embedded_engine: Engine, tmp_path: Any
+) -> None:
+    """Served send runs, both in flight, are killed with their serve process (kill -9 of the process
+    group: an OOM kill or a lost container); a new serve process starts (the local stack's supervisor
+    does that). A payment queued after the kill must be sent by the next scheduled run within a minute,
+    not after the 300 s concurrency-slot lease a dead run would hold."""
+    with embedded_engine.begin() as conn:
+        write_setting(conn, "send_run_seconds", 5)  # a send run due every 5 s
+        write_setting(conn, "confirm_run_seconds", 3600)  # confirm, mint, webhooks, monitor: one run each,
+        write_setting(conn, "monitor_interval_seconds", 3600)  # not under test here
+    env = {**flow_env, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+           "MINTER_PRIVATE_KEY": "0x" + bytes(chain.minter.key).hex()}
+    log = (tmp_path / "serve.log").open("wb")
+    serve = _spawn_serve(env, log)
+    try:
+        first = queue_many(embedded_engine, chain, 1)[0]
+        assert _wait_for(lambda: payment(embedded_engine, first)["status"] in ("sent", "completed"), 60), \
+            (tmp_path / "serve.log").read_text()[-3000:]
+        # wait for the moment the issue describes: two send runs of the deployment in flight at once
+        assert _wait_for(lambda: _active_runs("send-payments", "send") >= 2, 30)
+        os.killpg(serve.pid, signal.SIGKILL)
+        serve.wait(timeout=10)
+        killed = time.monotonic()
+        serve = _spawn_serve(env, log)
+        second = queue_many(embedded_engine, chain, 1)[0]
+        sent = _wait_for(lambda: payment(embedded_engine, second)["status"] in ("sent", "completed"), 60)
+        took = time.monotonic() - killed
+        print(f"kill -9 of the serve process group to the next payment sent: {took:.1f} s")
+        assert sent, f"no payment sent {took:.0f} s after the kill: {statuses(embedded_engine)}"
+    finally:
+        _stop_group(serve)
+        log.close()
+
+
 def test_prefect_yaml_deploys_to_a_work_pool(prefect_api: str) -> None:
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PAYMENTS_CODE_DIR": str(REPO_ROOT)}
     prefect = [sys.executable, "-m", "prefect"]
@@ -247,5 +321,6 @@ def test_prefect_yaml_deploys_to_a_work_pool(prefect_api: str) -> None:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        names = {d.name for d in client.read_deployments() if d.work_pool_name == "payments"}
-    assert names == {"send", "confirm", "mint", "webhooks", "monitor", "manual"}
+        on_pool = [d for d in client.read_deployments() if d.work_pool_name == "payments"]
+    assert {d.name for d in on_pool} == {"send", "confirm", "mint", "webhooks", "monitor", "manual"}
+    assert all(d.global_concurrency_limit is None for d in on_pool)  # a killed worker cannot hold a slot

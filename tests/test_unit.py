@@ -363,3 +363,23 @@ def test_tick_loop_drains_full_batches_then_waits_for_the_interval() -> None:
     assert tick_loop(PipelineSettings, 1, lambda s: 300, tick) == 4  # 0, .3, .6, .9 s; the next would pass 1 s
     assert 0.85 <= time.monotonic() - started < 1.2 and all(b - a >= 0.29 for a, b in pairwise(calls))
     assert tick_loop(PipelineSettings, 60, lambda s: 10, lambda s: True, max_ticks=5) == 5
+
+
+def test_a_late_run_ends_when_an_on_time_run_would_have() -> None:
+    """Runs that start late (runner busy, serve process restarted after an outage) cannot pile up: the
+    window counts from when the run was due, and a run past its whole window does one tick."""
+    import time
+
+    from flows.ticks import tick_loop
+
+    ticks: list[float] = []
+
+    def tick(_: PipelineSettings) -> bool:
+        ticks.append(time.monotonic())
+        return True  # a backlog: full batches back to back while the window lasts
+
+    assert tick_loop(PipelineSettings, 25, lambda s: 100, tick, late_by=600) == 1
+    started = time.monotonic()
+    assert tick_loop(PipelineSettings, 25, lambda s: 100, lambda s: False, late_by=24.5) in (5, 6)
+    assert time.monotonic() - started < 0.8  # 0.5 s of its window was left
+    assert tick_loop(PipelineSettings, 0, lambda s: 100, lambda s: False, late_by=600) == 1  # window 0: one pass
