@@ -7,10 +7,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -19,8 +22,9 @@ from sqlalchemy import Engine, text
 from flows.confirm import confirm_payments
 from flows.send import send_payments
 from payments.config import REPO_ROOT
+from payments.db import make_engine
 from payments.faults import AFTER_BROADCAST, AFTER_PERSIST
-from payments.localstack import Deployment, create_database
+from payments.localstack import Deployment, create_database, free_port
 from payments.prefect_server import start_prefect_server
 from payments.settings import write_setting
 from tests.conftest import _server
@@ -307,6 +311,87 @@ def test_kill_9_of_the_serve_process_and_its_runs_does_not_stall_the_pipeline(
     finally:
         _stop_group(serve)
         log.close()
+
+
+class _LateForwarder:
+    """A loopback port that refuses connections until `open()`, then forwards them to `target_port`:
+    a Prefect API that is still starting (or restarting) when the serve process comes up."""
+
+    def __init__(self, target_port: int) -> None:
+        self.port = free_port()
+        self.target_port = target_port
+        self._listener: socket.socket | None = None
+
+    def open(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+
+
+def test_serve_start_up_retries_while_postgresql_and_the_prefect_api_are_not_up_yet(
+    flow_env: dict[str, str], prefect_api: str, tmp_path: Any
+) -> None:
+    """deployments.serve starts while its database does not answer yet (OperationalError) and then while
+    the Prefect API refuses connections; it retries with backoff, logs each retry, and serves once both
+    are up, with the schedule read from the database."""
+    from prefect.client.orchestration import get_client
+    from sqlalchemy.engine import make_url
+
+    embedded = _server("embedded")
+    name = f"t_late_{os.getpid()}_{int(time.time())}"
+    url = make_url(flow_env["DATABASE_URL"]).set(database=name).render_as_string(hide_password=False)
+    api = _LateForwarder(int(prefect_api.rsplit(":", 1)[1].split("/")[0]))
+    env = {**flow_env, "DATABASE_URL": url, "PREFECT_API_URL": f"http://127.0.0.1:{api.port}/api"}
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        serve = _spawn_serve(env, log)
+    try:
+        def logged(text: str) -> bool:
+            return text in log_path.read_text(errors="replace")
+
+        assert _wait_for(lambda: logged("OperationalError") and logged("retrying in"), 30), log_path.read_text()
+        create_database(embedded.admin_uri, name, template=embedded.template)
+        with make_engine(url).begin() as conn:
+            write_setting(conn, "send_run_seconds", 1234)  # proves the schedule was read after the retry
+        assert _wait_for(lambda: logged("ConnectError"), 40), log_path.read_text()
+        assert serve.poll() is None
+        api.open()
+
+        def served() -> bool:
+            with get_client(sync_client=True) as client:
+                try:
+                    deployment = client.read_deployment_by_name("send-payments/send")
+                except Exception:
+                    return False
+            return any(getattr(s.schedule, "interval", None) == timedelta(seconds=1234)
+                       for s in deployment.schedules)
+
+        assert _wait_for(served, 60), log_path.read_text()[-3000:]
+        assert serve.poll() is None and not logged("giving up")
+    finally:
+        _stop_group(serve)
+        api.close()
+        embedded.drop(url)
 
 
 def test_prefect_yaml_deploys_to_a_work_pool(prefect_api: str) -> None:
