@@ -313,6 +313,41 @@ def test_kill_9_of_the_serve_process_and_its_runs_does_not_stall_the_pipeline(
         log.close()
 
 
+@pytest.mark.crash
+def test_the_local_stack_restarts_a_killed_serve_process_and_stops_everything_at_the_end(
+    flow_env: dict[str, str], prefect_api: str, chain: Deployment, embedded_engine: Engine, tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """kill -9 of the stack's serve process alone (as the OOM killer would): the stack stops the flow runs
+    it left and starts a new one, which serves the deployments again (a payment queued after the kill is
+    sent); leaving the stack stops every process it started."""
+    from payments.stack import group_alive, local_stack
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)  # the stack joins the tests' database, chain, server
+    with embedded_engine.begin() as conn:
+        write_setting(conn, "send_run_seconds", 5)
+        write_setting(conn, "confirm_run_seconds", 3600)
+        write_setting(conn, "monitor_interval_seconds", 3600)
+    with local_stack(database="unused", buyers=1, say=False, log_dir=tmp_path) as stack:
+        first = stack.serve.pid
+        before = queue_many(embedded_engine, chain, 1)[0]
+        assert _wait_for(lambda: payment(embedded_engine, before)["status"] in ("sent", "completed"), 60), \
+            (tmp_path / "serve.log").read_text()[-3000:]
+        os.kill(first, signal.SIGKILL)
+        killed = time.monotonic()
+        assert _wait_for(lambda: stack.serve.pid != first and stack.serve.process.poll() is None, 15)
+        # the flow runs the killed process left are stopped: what follows is the new process's work
+        assert _wait_for(lambda: not group_alive(first), 20)
+        after = queue_many(embedded_engine, chain, 1)[0]
+        sent = _wait_for(lambda: payment(embedded_engine, after)["status"] in ("sent", "completed"), 60)
+        print(f"kill -9 of the stack's serve process to the next payment sent: {time.monotonic() - killed:.1f} s")
+        assert sent, (tmp_path / "serve.log").read_text()[-3000:]
+        assert stack.serve.restarts == 1
+        groups, api = stack.serve.process_groups, stack.api
+    assert not any(group_alive(g) for g in groups)  # both serve processes and every flow run they started
+    assert api.poll() is not None
+
+
 class _LateForwarder:
     """A loopback port that refuses connections until `open()`, then forwards them to `target_port`:
     a Prefect API that is still starting (or restarting) when the serve process comes up."""
