@@ -38,7 +38,8 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.logging import get_logger
 from sqlalchemy import text
 
-from deployments.automations import main as configure_alerts
+from deployments.automations import HEARTBEAT_SECONDS
+from deployments.automations import main as configure_automations
 from flows.confirm import confirm_payments
 from flows.mint import mint_tokens
 from flows.monitor import monitor_payments
@@ -155,14 +156,16 @@ def run_with_retries(start: Callable[[], None], *, attempts: int = START_ATTEMPT
 
 
 def start() -> None:
-    """Read the schedules from system_settings, set up alert delivery and serve every deployment (blocks)."""
+    """Read the schedules from system_settings, set up the automations (alerts, crashed runs) and serve
+    every deployment (blocks). Runs send a heartbeat every HEARTBEAT_SECONDS."""
     engine = engine_for(require_env("DATABASE_URL"))
     with engine.connect() as conn:
         settings = read_settings(conn)
         monitor_every = conn.execute(text(
             "SELECT value FROM system_settings WHERE key = 'monitor_interval_seconds'")).scalar_one_or_none()
-    configure_alerts()
-    serve(*build_deployments(settings, max(int(monitor_every or 30), 5)), limit=RUNNER_LIMIT)
+    configure_automations()
+    serve(*build_deployments(settings, max(int(monitor_every or 30), 5)), limit=RUNNER_LIMIT,
+          heartbeat_seconds=HEARTBEAT_SECONDS)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import Engine, text
@@ -427,6 +427,57 @@ def test_serve_start_up_retries_while_postgresql_and_the_prefect_api_are_not_up_
         _stop_group(serve)
         api.close()
         embedded.drop(url)
+
+
+def test_a_payments_run_whose_heartbeats_stop_is_marked_crashed(prefect_api: str) -> None:
+    """The payments-crashed-runs automation, with a 10 s window instead of 90 s: a Running payments run
+    that stops sending heartbeats is marked Crashed; a run of another flow, or one still beating, is not."""
+    from prefect import flow
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+    from prefect.events import emit_event
+    from prefect.states import Running
+
+    from deployments.automations import CRASH_AUTOMATION_NAME, ensure_crash_detection
+
+    @flow(name="heartbeat-probe")
+    def probe() -> None:
+        pass
+
+    created = ensure_crash_detection(timedelta(seconds=10))
+    try:
+        with get_client(sync_client=True) as client:
+            dead = client.create_flow_run(probe, tags=["payments", "send"], state=Running())
+            alive = client.create_flow_run(probe, tags=["payments", "send"], state=Running())
+            other = client.create_flow_run(probe, tags=["elsewhere"], state=Running())
+
+        def beat(run_id: Any, tag: str) -> None:
+            emit_event(event="prefect.flow-run.heartbeat",
+                       resource={"prefect.resource.id": f"prefect.flow-run.{run_id}"},
+                       related=[{"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}])
+
+        def state(run_id: Any) -> str:
+            with get_client(sync_client=True) as client:
+                return str(client.read_flow_run(run_id).state_type.value)
+
+        beating_until = time.monotonic() + 8  # the automation is picked up by the server within seconds
+        while time.monotonic() < beating_until:
+            for run_id, tag in ((dead.id, "payments"), (alive.id, "payments"), (other.id, "elsewhere")):
+                beat(run_id, tag)
+            time.sleep(1)
+        assert state(dead.id) == "RUNNING"  # beating: left alone
+        # the runner died; a new serve process sets the automations up again: the same one is kept,
+        # with what its trigger saw (recreating it would forget the dead run's last heartbeat)
+        assert ensure_crash_detection(timedelta(seconds=10)).id == created.id
+        deadline = time.monotonic() + 45  # then only `alive` beats on
+        while time.monotonic() < deadline and state(dead.id) != "CRASHED":
+            beat(alive.id, "payments")
+            time.sleep(1)
+        assert state(dead.id) == "CRASHED"
+        assert state(alive.id) == "RUNNING" and state(other.id) == "RUNNING"
+    finally:
+        with contextlib.suppress(ValueError):
+            cast(Any, Automation.read(name=CRASH_AUTOMATION_NAME)).delete()
 
 
 def test_prefect_yaml_deploys_to_a_work_pool(prefect_api: str) -> None:
