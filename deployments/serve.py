@@ -15,9 +15,10 @@ because safety comes from the database:
 - confirm, mint, webhooks: every status change is one statement guarded by the expected old status, so
   two runs applying the same receipt or delivery change each row once;
 - monitor: alert transitions are guarded statements, so two passes notify once.
-What bounds the overlap: each pipeline run ticks for at most its window, counted from when it was due
-(flows.ticks: a run that starts late ends early, one that starts after its window does one tick), and
-the runner starts at most RUNNER_LIMIT runs at once; runs beyond that wait in the schedule.
+What bounds the overlap: each pipeline run ticks for at most its window, and one that starts late does
+not wait for work past the time an on-time run would have ended (flows.ticks: it goes on only while its
+ticks fill batches); the runner starts at most RUNNER_LIMIT runs at once, runs beyond that wait in the
+schedule.
 
 Start-up (reading settings, alert automation, registering the deployments) is retried with backoff on
 errors that go away by themselves: PostgreSQL or the Prefect API restarting or refusing connections,

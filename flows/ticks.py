@@ -1,10 +1,11 @@
 """The loop every pipeline flow runs: a Prefect schedule cannot tick every 2-4 s (each run is a fresh
 process), so one scheduled run ticks at the seed's interval for a bounded window and then ends.
 
-The window is counted from when the run was due, not from when it started: a run that starts late (the
-runner was busy, or the serve process was down and restarted) ends when an on-time run would have, and
-one that starts after its whole window does a single tick. Late runs therefore never pile up: a backlog
-of them drains at one tick each while the current run does the work."""
+A run that starts late (the runner was busy, or the serve process was down and restarted) does not tick
+idly past the time an on-time run would have ended (when it was due + the window): past that, it ends at
+its first tick that does not fill a batch. It still drains a backlog with full ticks back to back, for at
+most one window from its own start. Late runs therefore never pile up: a queue of them, after an outage,
+ends at one tick each once the work is done."""
 
 from __future__ import annotations
 
@@ -31,13 +32,15 @@ def seconds_late() -> float:
 def tick_loop(read_settings: Callable[[], PipelineSettings], window: int,
               interval_ms: Callable[[PipelineSettings], int], tick: Callable[[PipelineSettings], bool],
               max_ticks: int | None = None, late_by: float | None = None) -> int:
-    """Call `tick` (settings re-read each time) every interval until `window` seconds after the run was
-    due (`late_by`: how late it started; default: asked from the flow run). A tick that returns True
-    found a full batch: the next one starts at once (window 0: drain until a tick is not full).
+    """Call `tick` (settings re-read each time) every interval for `window` seconds. A tick that returns
+    True found a full batch: the next one starts at once, for at most `window` seconds from the start
+    (window 0: drain until a tick is not full). Waiting for the next tick stops `window` seconds after
+    the run was due (`late_by`: how late it started; default: asked from the flow run).
     At least one tick always runs. Returns the number of ticks."""
     if window > 0 and late_by is None:
         late_by = seconds_late()
-    deadline = time.monotonic() + window - (late_by or 0.0)
+    drain_until = time.monotonic() + window
+    idle_until = drain_until - (late_by or 0.0)
     ticks = 0
     while True:
         started = time.monotonic()
@@ -46,10 +49,10 @@ def tick_loop(read_settings: Callable[[], PipelineSettings], window: int,
         ticks += 1
         if max_ticks is not None and ticks >= max_ticks:
             return ticks
-        if full and (window == 0 or time.monotonic() < deadline):
+        if full and (window == 0 or time.monotonic() < drain_until):
             continue
         pause = max(0.0, interval_ms(settings) / 1000 - (time.monotonic() - started))
-        if time.monotonic() + pause >= deadline:
+        if time.monotonic() + pause >= idle_until:
             return ticks
         time.sleep(pause)
 
