@@ -1,13 +1,20 @@
-"""Alert delivery through Prefect: the monitor flow emits `payments.alert.opened|reminder|resolved`
-events; one automation turns each into a notification through a notification block.
+"""The pipeline's Prefect automations.
 
-The block comes from configuration: ALERT_WEBHOOK_URL (any JSON webhook; body
-{"subject", "body", "name"}) or ALERT_SLACK_WEBHOOK_URL. `python -m deployments.automations`
-(run by deployments.serve at start) creates or updates both, idempotently."""
+Alert delivery: the monitor flow emits `payments.alert.opened|reminder|resolved` events; one automation
+turns each into a notification through a notification block. The block comes from configuration:
+ALERT_WEBHOOK_URL (any JSON webhook; body {"subject", "body", "name"}) or ALERT_SLACK_WEBHOOK_URL.
+
+Crashed runs: a flow run killed together with its runner (kill -9 of the serve process or worker, OOM,
+a lost machine) has nobody left to report it, and would show as Running for ever. Every pipeline run
+sends a heartbeat every HEARTBEAT_SECONDS; when a run tagged `payments` has sent none for
+MISSED_HEARTBEATS_AFTER and has not finished, the `payments-crashed-runs` automation marks it Crashed.
+(The pipeline does not need this to go on: nothing waits for a run to end. It keeps the UI true.)
+
+`python -m deployments.automations` (run by deployments.serve at start) creates or updates them,
+idempotently."""
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import os
 from datetime import timedelta
@@ -17,9 +24,16 @@ from urllib.parse import urlparse
 from prefect.automations import Automation
 from prefect.blocks.abstract import NotificationBlock
 from prefect.blocks.notifications import CustomWebhookNotificationBlock, SlackWebhook
-from prefect.events.actions import SendNotification
+from prefect.client.schemas.objects import StateType
+from prefect.events.actions import ChangeFlowRunState, SendNotification
 from prefect.events.schemas.automations import EventTrigger, Posture
 from pydantic import SecretStr
+
+HEARTBEAT_SECONDS = 30  # served runs (deployments.serve) and work-pool runs (prefect.yaml); Prefect's minimum
+MISSED_HEARTBEATS_AFTER = timedelta(seconds=3 * HEARTBEAT_SECONDS)
+CRASH_AUTOMATION_NAME = "payments-crashed-runs"
+RUN_ENDED_EVENTS = {"prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+                    "prefect.flow-run.Crashed"}
 
 AUTOMATION_NAME = "payments-alerts"
 BLOCK_NAME = "payments-alerts"
@@ -49,22 +63,62 @@ def notification_block_from_env() -> NotificationBlock | None:
     return None
 
 
+def _same(a: Any, b: Any) -> bool:
+    def shape(x: Any) -> Any:
+        return {"description": x.description, "enabled": x.enabled,
+                "trigger": x.trigger.model_dump(mode="json", exclude={"id"}),
+                "actions": [action.model_dump(mode="json") for action in x.actions]}
+    return bool(shape(a) == shape(b))
+
+
+def _replace(automation: Automation) -> Any:
+    """Create the automation, or replace one of the same name that differs. An identical one is kept:
+    recreating it would drop what its trigger has seen (a run's last heartbeat before its runner died)."""
+    try:
+        existing = cast(Any, Automation.read(name=automation.name))
+    except ValueError:  # not created yet
+        return automation.create()
+    if _same(existing, automation):
+        return existing
+    existing.delete()
+    return automation.create()
+
+
 def ensure_alert_automation(block: NotificationBlock) -> Any:
     """Save the block and (re)create the automation; returns the automation."""
     block_id = cast(Any, block.save(BLOCK_NAME, overwrite=True))
-    with contextlib.suppress(ValueError):  # not created yet
-        cast(Any, Automation.read(name=AUTOMATION_NAME)).delete()
-    automation = Automation(
+    return _replace(Automation(
         name=AUTOMATION_NAME,
         description="Payment pipeline alerts: one notification when an alert opens, reminders, one when it resolves",
         trigger=EventTrigger(expect=ALERT_EVENTS, match={"prefect.resource.id": "payments.alert.*"},
                              posture=Posture.Reactive, threshold=1, within=timedelta(0)),
         actions=[SendNotification(block_document_id=block_id, subject=SUBJECT, body=BODY)],
-    )
-    return automation.create()
+    ))
+
+
+def ensure_crash_detection(after: timedelta = MISSED_HEARTBEATS_AFTER) -> Any:
+    """(Re)create the automation that marks a payments flow run Crashed when its heartbeats stop."""
+    return _replace(Automation(
+        name=CRASH_AUTOMATION_NAME,
+        description=f"A payments flow run with no heartbeat for {after.total_seconds():.0f} s that has not "
+                    "finished was killed with its runner: mark it Crashed",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *RUN_ENDED_EVENTS},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "tag", "prefect.resource.id": "prefect.tag.payments"},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive, threshold=1, within=after),
+        # not forced: a run that has finished meanwhile keeps its final state
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, name=None, force=False,
+                                    message=f"No heartbeat for {after.total_seconds():.0f} s: the process "
+                                            "running this flow run is gone")],
+    ))
 
 
 def main() -> None:
+    crash = ensure_crash_detection()
+    print(f"automation {crash.name} ({crash.id}) marks payments runs Crashed when their heartbeats stop")
     block = notification_block_from_env()
     if block is None:
         print("no ALERT_WEBHOOK_URL / ALERT_SLACK_WEBHOOK_URL: alerts are emitted as events only")

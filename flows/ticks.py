@@ -1,23 +1,46 @@
 """The loop every pipeline flow runs: a Prefect schedule cannot tick every 2-4 s (each run is a fresh
-process), so one scheduled run ticks at the seed's interval for a bounded window and then ends."""
+process), so one scheduled run ticks at the seed's interval for a bounded window and then ends.
+
+A run that starts late (the runner was busy, or the serve process was down and restarted) does not tick
+idly past the time an on-time run would have ended (when it was due + the window): past that, it ends at
+its first tick that does not fill a batch. It still drains a backlog with full ticks back to back, for at
+most one window from its own start. Late runs therefore never pile up: a queue of them, after an outage,
+ends at one tick each once the work is done."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import Any
 
 from payments.settings import PipelineSettings
 
 
+def seconds_late() -> float:
+    """How long after its scheduled start this flow run is (0 outside a flow run, or when it started early)."""
+    from prefect.runtime import flow_run
+
+    try:
+        due = flow_run.get_scheduled_start_time()
+    except Exception:  # no API to ask: run the whole window
+        return 0.0
+    return max(0.0, (datetime.now(UTC) - due).total_seconds())
+
+
 def tick_loop(read_settings: Callable[[], PipelineSettings], window: int,
               interval_ms: Callable[[PipelineSettings], int], tick: Callable[[PipelineSettings], bool],
-              max_ticks: int | None = None) -> int:
+              max_ticks: int | None = None, late_by: float | None = None) -> int:
     """Call `tick` (settings re-read each time) every interval for `window` seconds. A tick that returns
-    True found a full batch: the next one starts at once (window 0: drain until a tick is not full).
-    Returns the number of ticks."""
-    deadline = time.monotonic() + window
+    True found a full batch: the next one starts at once, for at most `window` seconds from the start
+    (window 0: drain until a tick is not full). Waiting for the next tick stops `window` seconds after
+    the run was due (`late_by`: how late it started; default: asked from the flow run).
+    At least one tick always runs. Returns the number of ticks."""
+    if window > 0 and late_by is None:
+        late_by = seconds_late()
+    drain_until = time.monotonic() + window
+    idle_until = drain_until - (late_by or 0.0)
     ticks = 0
     while True:
         started = time.monotonic()
@@ -26,10 +49,10 @@ def tick_loop(read_settings: Callable[[], PipelineSettings], window: int,
         ticks += 1
         if max_ticks is not None and ticks >= max_ticks:
             return ticks
-        if full and (window == 0 or time.monotonic() < deadline):
+        if full and (window == 0 or time.monotonic() < drain_until):
             continue
         pause = max(0.0, interval_ms(settings) / 1000 - (time.monotonic() - started))
-        if time.monotonic() + pause >= deadline:
+        if time.monotonic() + pause >= idle_until:
             return ticks
         time.sleep(pause)
 

@@ -77,7 +77,7 @@ def run(payments: int, timeout: float) -> int:
         triggered = time.time()
         buying = _buy_all(stack, payments)
         print(f"• {payments} x402 payments accepted by the API in {buying:.1f} s (official x402 client)")
-        _wait(stack.engine, payments, time.monotonic() + timeout, lambda: stack.serve.poll() is None)
+        _wait(stack.engine, payments, time.monotonic() + timeout, stack.serve.alive)
         counts = _counts(stack.engine, "payment_queue")
         mints = _counts(stack.engine, "mint_queue")
         timing = _timings(stack.engine)

@@ -10,10 +10,12 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import requests
 from sqlalchemy import Engine
@@ -46,7 +48,7 @@ class Stack:
     api_url: str
     api_key: str = field(repr=False)
     engine: Engine
-    serve: subprocess.Popen[bytes]
+    serve: Supervised
     api: subprocess.Popen[bytes]
     receiver: AlertReceiver | None
 
@@ -61,36 +63,143 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=5)
 
 
-def _spawn(stack: ExitStack, args: list[str], env: dict[str, str], log_name: str) -> subprocess.Popen[bytes]:
-    log = (DATA_DIR / log_name).open("wb")
+def group_alive(pgid: int) -> bool:
+    """Whether a process group still has a live (not zombie) member."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+class Supervised:
+    """A long-lived process kept running: whenever it exits or is killed it is started again, after a
+    pause that doubles from `first_delay` up to `max_delay` (back to `first_delay` once a start has lived
+    `healthy_after` seconds). Each start runs in its own process group; what a dead one left behind (the
+    flow runs of a killed serve process) is sent SIGTERM before the next start, so the new process's runs
+    are the only ones and the runner's limit holds. `stop()` ends it for good."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path, *,
+                 first_delay: float = 1.0, max_delay: float = 30.0, healthy_after: float = 60.0,
+                 say: Callable[[str], None] = print) -> None:
+        self.name, self.args, self.env, self.log_path = name, args, env, log_path
+        self.first_delay, self.max_delay, self.healthy_after = first_delay, max_delay, healthy_after
+        self.say = say
+        self.restarts = 0
+        self._groups: list[int] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        log_path.write_bytes(b"")
+        self.process = self._start()
+        self._thread = threading.Thread(target=self._watch, name=f"supervise-{name}", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        with self.log_path.open("ab") as log:
+            process = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        self._groups.append(process.pid)
+        self._started_at = time.monotonic()
+        return process
+
+    def _watch(self) -> None:
+        delay = self.first_delay
+        while True:
+            code = self.process.wait()
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - self._started_at >= self.healthy_after:
+                delay = self.first_delay
+            message = f"{self.name} (pid {self.process.pid}) exited with {code}; restarting in {delay:.0f} s"
+            self.say(message)
+            with self.log_path.open("ab") as log:
+                log.write(f"--- {message} ---\n".encode())
+            _signal_group(self.process.pid, signal.SIGTERM)  # the runs it started, if any are left
+            if self._stopping.wait(delay):
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self.process = self._start()
+                self.restarts += 1
+            delay = min(delay * 2, self.max_delay)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        """Supervised (running, or about to be started again)."""
+        return not self._stopping.is_set()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping.set()
+            stop_process(self.process)
+        self._thread.join(timeout=10)
+        leftovers = [g for g in self._groups[:-1] if group_alive(g)]
+        for g in leftovers:
+            _signal_group(g, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while leftovers and time.monotonic() < deadline:
+            time.sleep(0.2)
+            leftovers = [g for g in leftovers if group_alive(g)]
+        for g in leftovers:
+            _signal_group(g, signal.SIGKILL)
+
+    @property
+    def process_groups(self) -> list[int]:
+        """Every process group started so far (one per start; the last is the current process's)."""
+        return list(self._groups)
+
+
+def _spawn(stack: ExitStack, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    log = log_path.open("wb")
     stack.callback(log.close)
     process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     stack.callback(stop_process, process)
     return process
 
 
-def _wait_http(url: str, process: subprocess.Popen[bytes], log_name: str, timeout: float = 60) -> None:
+def _wait_http(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{url} did not come up; see {DATA_DIR / log_name}")
+            raise RuntimeError(f"{url} did not come up; see {log_path}")
         try:
             if requests.get(url, timeout=1).ok:
                 return
         except requests.RequestException:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s; see {DATA_DIR / log_name}")
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s; see {log_path}")
 
 
 @contextmanager
 def local_stack(*, database: str, buyers: int, block_time: float = 1, api_port: int | None = None,
-                say: bool = True) -> Iterator[Stack]:
+                say: bool = True, log_dir: Path = DATA_DIR) -> Iterator[Stack]:
     def note(message: str) -> None:
         if say:
             print(f"• {message}", flush=True)
 
     DATA_DIR.mkdir(exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    logs = ".data" if log_dir == DATA_DIR else str(log_dir)  # as shown to the operator
     with ExitStack() as stack:
         t0 = time.monotonic()
         database_url = os.environ.get("DATABASE_URL")
@@ -101,7 +210,7 @@ def local_stack(*, database: str, buyers: int, block_time: float = 1, api_port: 
         upgrade(database_url)
         rpc_url = os.environ.get("RPC_URL")
         if not rpc_url:
-            anvil = start_anvil(block_time=block_time, log_dir=DATA_DIR)
+            anvil = start_anvil(block_time=block_time, log_dir=log_dir)
             stack.callback(anvil.stop)
             rpc_url = anvil.url
         note(f"PostgreSQL ready, schema migrated ({time.monotonic() - t0:.1f} s)")
@@ -129,16 +238,19 @@ def local_stack(*, database: str, buyers: int, block_time: float = 1, api_port: 
         env.setdefault("MINTER_PRIVATE_KEY", "0x" + bytes(deployment.minter.key).hex())
         receiver = None
         if not env.get("ALERT_WEBHOOK_URL") and not env.get("ALERT_SLACK_WEBHOOK_URL"):
-            receiver = start_alert_receiver(log_path=DATA_DIR / "alerts.jsonl")
+            receiver = start_alert_receiver(log_path=log_dir / "alerts.jsonl")
             stack.callback(receiver.stop)
             env["ALERT_WEBHOOK_URL"] = receiver.url
-            note(f"alert notifications go to the local receiver {receiver.url} (recorded in .data/alerts.jsonl)")
-        serve = _spawn(stack, [sys.executable, "-m", "deployments.serve"], env, "serve.log")
+            note(f"alert notifications go to the local receiver {receiver.url} (recorded in {logs}/alerts.jsonl)")
+        # Kept running: if the serve process dies, its deployments are served again by a new one.
+        serve = Supervised("deployments.serve", [sys.executable, "-m", "deployments.serve"], env,
+                           log_dir / "serve.log", say=lambda m: note(f"{m} (see {logs}/serve.log)"))
+        stack.callback(serve.stop)
         port = api_port or free_port()
         api_key = env.get("PAYMENTS_API_KEY") or secrets.token_urlsafe(24)
         api_env = {**env, "PORT": str(port), "PUBLIC_URL": f"http://127.0.0.1:{port}", "PAYMENTS_API_KEY": api_key}
-        api = _spawn(stack, [sys.executable, "-m", "api"], api_env, "api.log")
-        _wait_http(f"http://127.0.0.1:{port}/openapi.json", api, "api.log")
+        api = _spawn(stack, [sys.executable, "-m", "api"], api_env, log_dir / "api.log")
+        _wait_http(f"http://127.0.0.1:{port}/openapi.json", api, log_dir / "api.log")
         note(f"API http://127.0.0.1:{port} (OpenAPI at /openapi.json) ({time.monotonic() - t0:.1f} s)")
         yield Stack(database_url=database_url, rpc_url=rpc_url, deployment=deployment, prefect=prefect,
                     api_url=f"http://127.0.0.1:{port}", api_key=api_key, engine=engine, serve=serve, api=api,
@@ -157,6 +269,6 @@ def trigger_deployments(stack: Stack, names: list[str]) -> None:
             run_deployment(pending[0], timeout=0)
             pending.pop(0)
         except Exception:
-            if time.monotonic() > deadline or stack.serve.poll() is not None:
-                raise RuntimeError(f"deployment {pending[0]} did not appear; see {DATA_DIR / 'serve.log'}") from None
+            if time.monotonic() > deadline or not stack.serve.alive():
+                raise RuntimeError(f"deployment {pending[0]} did not appear; see {stack.serve.log_path}") from None
             time.sleep(0.5)

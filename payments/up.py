@@ -1,5 +1,6 @@
 """`make up`: the whole local stack in the foreground - embedded PostgreSQL, anvil, the Prefect server
 and UI, the served deployments, the API and an alert receiver - until Ctrl-C, which stops everything.
+A serve process that dies is started again (with backoff) while the stack is up.
 
 The funded demo buyers' keys are written to .data/buyers.json (mode 600, local throwaway keys); buy
 with the command-line client, e.g.:
@@ -45,8 +46,8 @@ Funded demo buyers (1,000,000 USDC each; keys in .data/buyers.json):""")
               flush=True)
         try:
             while not stop.wait(1):
-                if s.serve.poll() is not None or s.api.poll() is not None:
-                    print("a stack process exited; see .data/serve.log and .data/api.log")
+                if s.api.poll() is not None:  # the serve process is restarted by the stack when it dies
+                    print("the API exited; see .data/api.log")
                     break
         except KeyboardInterrupt:
             pass

@@ -4,13 +4,17 @@ that matter, followed by a restart."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from datetime import timedelta
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import Engine, text
@@ -18,12 +22,13 @@ from sqlalchemy import Engine, text
 from flows.confirm import confirm_payments
 from flows.send import send_payments
 from payments.config import REPO_ROOT
+from payments.db import make_engine
 from payments.faults import AFTER_BROADCAST, AFTER_PERSIST
-from payments.localstack import Deployment, create_database
+from payments.localstack import Deployment, create_database, free_port
 from payments.prefect_server import start_prefect_server
 from payments.settings import write_setting
 from tests.conftest import _server
-from tests.helpers import PRICE, balance, mint_statuses, queue_many, statuses
+from tests.helpers import PRICE, balance, mint_statuses, payment, queue_many, statuses
 
 pytestmark = [pytest.mark.flow, pytest.mark.chain]
 
@@ -235,6 +240,246 @@ def test_the_ui_is_told_to_reach_its_own_server(prefect_api: str) -> None:
     assert settings["api_url"] == prefect_api  # not the default http://127.0.0.1:4200/api
 
 
+def _spawn_serve(env: dict[str, str], log: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "deployments.serve"], cwd=REPO_ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=20)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # and any flow run still in its group
+    process.wait(timeout=5)
+
+
+def _active_runs(flow_name: str, deployment_name: str) -> int:
+    """Runs of a deployment that are Pending or Running: those a deployment concurrency limit counts."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    with get_client(sync_client=True) as client:
+        return len(client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment_name])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING])))))
+
+
+@pytest.mark.crash
+def test_kill_9_of_the_serve_process_and_its_runs_does_not_stall_the_pipeline(
+    flow_env: dict[str, str], chain: Deployment, embedded_engine: Engine, tmp_path: Any
+) -> None:
+    """Served send runs, both in flight, are killed with their serve process (kill -9 of the process
+    group: an OOM kill or a lost container); a new serve process starts (the local stack's supervisor
+    does that). A payment queued after the kill must be sent by the next scheduled run within a minute,
+    not after the 300 s concurrency-slot lease a dead run would hold."""
+    with embedded_engine.begin() as conn:
+        write_setting(conn, "send_run_seconds", 5)  # a send run due every 5 s
+        write_setting(conn, "confirm_run_seconds", 3600)  # confirm, mint, webhooks, monitor: one run each,
+        write_setting(conn, "monitor_interval_seconds", 3600)  # not under test here
+    env = {**flow_env, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+           "MINTER_PRIVATE_KEY": "0x" + bytes(chain.minter.key).hex()}
+    log = (tmp_path / "serve.log").open("wb")
+    serve = _spawn_serve(env, log)
+    try:
+        first = queue_many(embedded_engine, chain, 1)[0]
+        assert _wait_for(lambda: payment(embedded_engine, first)["status"] in ("sent", "completed"), 60), \
+            (tmp_path / "serve.log").read_text()[-3000:]
+        # wait for the moment the issue describes: two send runs of the deployment in flight at once
+        assert _wait_for(lambda: _active_runs("send-payments", "send") >= 2, 30)
+        os.killpg(serve.pid, signal.SIGKILL)
+        serve.wait(timeout=10)
+        killed = time.monotonic()
+        serve = _spawn_serve(env, log)
+        second = queue_many(embedded_engine, chain, 1)[0]
+        sent = _wait_for(lambda: payment(embedded_engine, second)["status"] in ("sent", "completed"), 60)
+        took = time.monotonic() - killed
+        print(f"kill -9 of the serve process group to the next payment sent: {took:.1f} s")
+        assert sent, f"no payment sent {took:.0f} s after the kill: {statuses(embedded_engine)}"
+    finally:
+        _stop_group(serve)
+        log.close()
+
+
+@pytest.mark.crash
+def test_the_local_stack_restarts_a_killed_serve_process_and_stops_everything_at_the_end(
+    flow_env: dict[str, str], prefect_api: str, chain: Deployment, embedded_engine: Engine, tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """kill -9 of the stack's serve process alone (as the OOM killer would): the stack stops the flow runs
+    it left and starts a new one, which serves the deployments again (a payment queued after the kill is
+    sent); leaving the stack stops every process it started."""
+    from payments.stack import group_alive, local_stack
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)  # the stack joins the tests' database, chain, server
+    with embedded_engine.begin() as conn:
+        write_setting(conn, "send_run_seconds", 5)
+        write_setting(conn, "confirm_run_seconds", 3600)
+        write_setting(conn, "monitor_interval_seconds", 3600)
+    with local_stack(database="unused", buyers=1, say=False, log_dir=tmp_path) as stack:
+        first = stack.serve.pid
+        before = queue_many(embedded_engine, chain, 1)[0]
+        assert _wait_for(lambda: payment(embedded_engine, before)["status"] in ("sent", "completed"), 60), \
+            (tmp_path / "serve.log").read_text()[-3000:]
+        os.kill(first, signal.SIGKILL)
+        killed = time.monotonic()
+        assert _wait_for(lambda: stack.serve.pid != first and stack.serve.process.poll() is None, 15)
+        # the flow runs the killed process left are stopped: what follows is the new process's work
+        assert _wait_for(lambda: not group_alive(first), 20)
+        after = queue_many(embedded_engine, chain, 1)[0]
+        sent = _wait_for(lambda: payment(embedded_engine, after)["status"] in ("sent", "completed"), 60)
+        print(f"kill -9 of the stack's serve process to the next payment sent: {time.monotonic() - killed:.1f} s")
+        assert sent, (tmp_path / "serve.log").read_text()[-3000:]
+        assert stack.serve.restarts == 1
+        groups, api = stack.serve.process_groups, stack.api
+    assert not any(group_alive(g) for g in groups)  # both serve processes and every flow run they started
+    assert api.poll() is not None
+
+
+class _LateForwarder:
+    """A loopback port that refuses connections until `open()`, then forwards them to `target_port`:
+    a Prefect API that is still starting (or restarting) when the serve process comes up."""
+
+    def __init__(self, target_port: int) -> None:
+        self.port = free_port()
+        self.target_port = target_port
+        self._listener: socket.socket | None = None
+
+    def open(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+
+
+def test_serve_start_up_retries_while_postgresql_and_the_prefect_api_are_not_up_yet(
+    flow_env: dict[str, str], prefect_api: str, tmp_path: Any
+) -> None:
+    """deployments.serve starts while its database does not answer yet (OperationalError) and then while
+    the Prefect API refuses connections; it retries with backoff, logs each retry, and serves once both
+    are up, with the schedule read from the database."""
+    from prefect.client.orchestration import get_client
+    from sqlalchemy.engine import make_url
+
+    embedded = _server("embedded")
+    name = f"t_late_{os.getpid()}_{int(time.time())}"
+    url = make_url(flow_env["DATABASE_URL"]).set(database=name).render_as_string(hide_password=False)
+    api = _LateForwarder(int(prefect_api.rsplit(":", 1)[1].split("/")[0]))
+    env = {**flow_env, "DATABASE_URL": url, "PREFECT_API_URL": f"http://127.0.0.1:{api.port}/api"}
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        serve = _spawn_serve(env, log)
+    try:
+        def logged(text: str) -> bool:
+            return text in log_path.read_text(errors="replace")
+
+        assert _wait_for(lambda: logged("OperationalError") and logged("retrying in"), 30), log_path.read_text()
+        create_database(embedded.admin_uri, name, template=embedded.template)
+        with make_engine(url).begin() as conn:
+            write_setting(conn, "send_run_seconds", 1234)  # proves the schedule was read after the retry
+        assert _wait_for(lambda: logged("ConnectError"), 40), log_path.read_text()
+        assert serve.poll() is None
+        api.open()
+
+        def served() -> bool:
+            with get_client(sync_client=True) as client:
+                try:
+                    deployment = client.read_deployment_by_name("send-payments/send")
+                except Exception:
+                    return False
+            return any(getattr(s.schedule, "interval", None) == timedelta(seconds=1234)
+                       for s in deployment.schedules)
+
+        assert _wait_for(served, 60), log_path.read_text()[-3000:]
+        assert serve.poll() is None and not logged("giving up")
+    finally:
+        _stop_group(serve)
+        api.close()
+        embedded.drop(url)
+
+
+def test_a_payments_run_whose_heartbeats_stop_is_marked_crashed(prefect_api: str) -> None:
+    """The payments-crashed-runs automation, with a 10 s window instead of 90 s: a Running payments run
+    that stops sending heartbeats is marked Crashed; a run of another flow, or one still beating, is not."""
+    from prefect import flow
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+    from prefect.events import emit_event
+    from prefect.states import Running
+
+    from deployments.automations import CRASH_AUTOMATION_NAME, ensure_crash_detection
+
+    @flow(name="heartbeat-probe")
+    def probe() -> None:
+        pass
+
+    created = ensure_crash_detection(timedelta(seconds=10))
+    try:
+        with get_client(sync_client=True) as client:
+            dead = client.create_flow_run(probe, tags=["payments", "send"], state=Running())
+            alive = client.create_flow_run(probe, tags=["payments", "send"], state=Running())
+            other = client.create_flow_run(probe, tags=["elsewhere"], state=Running())
+
+        def beat(run_id: Any, tag: str) -> None:
+            emit_event(event="prefect.flow-run.heartbeat",
+                       resource={"prefect.resource.id": f"prefect.flow-run.{run_id}"},
+                       related=[{"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}])
+
+        def state(run_id: Any) -> str:
+            with get_client(sync_client=True) as client:
+                return str(client.read_flow_run(run_id).state_type.value)
+
+        beating_until = time.monotonic() + 8  # the automation is picked up by the server within seconds
+        while time.monotonic() < beating_until:
+            for run_id, tag in ((dead.id, "payments"), (alive.id, "payments"), (other.id, "elsewhere")):
+                beat(run_id, tag)
+            time.sleep(1)
+        assert state(dead.id) == "RUNNING"  # beating: left alone
+        # the runner died; a new serve process sets the automations up again: the same one is kept,
+        # with what its trigger saw (recreating it would forget the dead run's last heartbeat)
+        assert ensure_crash_detection(timedelta(seconds=10)).id == created.id
+        deadline = time.monotonic() + 45  # then only `alive` beats on
+        while time.monotonic() < deadline and state(dead.id) != "CRASHED":
+            beat(alive.id, "payments")
+            time.sleep(1)
+        assert state(dead.id) == "CRASHED"
+        assert state(alive.id) == "RUNNING" and state(other.id) == "RUNNING"
+    finally:
+        with contextlib.suppress(ValueError):
+            cast(Any, Automation.read(name=CRASH_AUTOMATION_NAME)).delete()
+
+
 def test_prefect_yaml_deploys_to_a_work_pool(prefect_api: str) -> None:
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PAYMENTS_CODE_DIR": str(REPO_ROOT)}
     prefect = [sys.executable, "-m", "prefect"]
@@ -247,5 +492,6 @@ def test_prefect_yaml_deploys_to_a_work_pool(prefect_api: str) -> None:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        names = {d.name for d in client.read_deployments() if d.work_pool_name == "payments"}
-    assert names == {"send", "confirm", "mint", "webhooks", "monitor", "manual"}
+        on_pool = [d for d in client.read_deployments() if d.work_pool_name == "payments"]
+    assert {d.name for d in on_pool} == {"send", "confirm", "mint", "webhooks", "monitor", "manual"}
+    assert all(d.global_concurrency_limit is None for d in on_pool)  # a killed worker cannot hold a slot

@@ -363,3 +363,28 @@ def test_tick_loop_drains_full_batches_then_waits_for_the_interval() -> None:
     assert tick_loop(PipelineSettings, 1, lambda s: 300, tick) == 4  # 0, .3, .6, .9 s; the next would pass 1 s
     assert 0.85 <= time.monotonic() - started < 1.2 and all(b - a >= 0.29 for a, b in pairwise(calls))
     assert tick_loop(PipelineSettings, 60, lambda s: 10, lambda s: True, max_ticks=5) == 5
+
+
+def test_a_late_run_ends_when_an_on_time_run_would_have() -> None:
+    """Runs that start late (runner busy, serve process restarted after an outage) cannot pile up: past
+    the time an on-time run would have ended they stop at their first tick that is not full, while a
+    backlog is still drained back to back (for at most one window from their own start)."""
+    import time
+
+    from flows.ticks import tick_loop
+
+    assert tick_loop(PipelineSettings, 25, lambda s: 100, lambda s: False, late_by=600) == 1  # nothing to do
+
+    def backlog(_: PipelineSettings) -> bool:
+        time.sleep(0.05)
+        return True
+
+    started = time.monotonic()
+    assert tick_loop(PipelineSettings, 1, lambda s: 100, backlog, late_by=600) >= 10  # drains for its window
+    assert 1 <= time.monotonic() - started < 1.5
+    remaining = iter([True, True, False, False])
+    assert tick_loop(PipelineSettings, 25, lambda s: 100, lambda s: next(remaining), late_by=600) == 3
+    started = time.monotonic()
+    assert tick_loop(PipelineSettings, 25, lambda s: 100, lambda s: False, late_by=24.5) in (5, 6)
+    assert time.monotonic() - started < 0.8  # 0.5 s of its window was left
+    assert tick_loop(PipelineSettings, 0, lambda s: 100, lambda s: False, late_by=600) == 1  # window 0: one pass

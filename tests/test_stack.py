@@ -1,0 +1,69 @@
+"""The local stack's supervisor: a long-lived process that dies is started again with backoff, what it
+left behind is stopped, and a clean stop ends everything. (The same through the whole
+stack, with the real serve process: tests/test_flows.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from payments.stack import Supervised, group_alive
+
+pytestmark = [pytest.mark.crash]
+
+# A parent that starts a child of its own, like the serve process starting flow runs.
+PARENT = ("import subprocess, sys, time; "
+          "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)")
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def _members(pgid: int) -> int:
+    count = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        count += fields[0] != "Z" and int(fields[2]) == pgid
+    return count
+
+
+def test_a_killed_process_is_restarted_with_backoff_and_stop_ends_everything(tmp_path: Path) -> None:
+    said: list[str] = []
+    sup = Supervised("sleeper", [sys.executable, "-c", PARENT], dict(os.environ), tmp_path / "sleeper.log",
+                     first_delay=0.3, max_delay=1, say=said.append)
+    try:
+        first = sup.pid
+        assert _wait_for(lambda: _members(first) == 2, 10)  # the parent and its child
+        os.kill(first, signal.SIGKILL)  # the parent only, as the OOM killer would
+        assert _wait_for(lambda: sup.pid != first and sup.process.poll() is None, 10)
+        assert sup.restarts == 1 and said and "exited with -9" in said[0]
+        assert _wait_for(lambda: not group_alive(first), 10)  # the child it left was stopped
+        second = sup.pid
+        killed = time.monotonic()
+        os.kill(second, signal.SIGKILL)
+        assert _wait_for(lambda: sup.pid != second, 10)
+        assert time.monotonic() - killed >= 0.55  # the second pause is twice the first (0.6 s)
+        assert sup.restarts == 2 and "restarting in 1 s" in said[1]
+        assert "exited with -9" in (tmp_path / "sleeper.log").read_text()
+    finally:
+        sup.stop()
+    groups = sup.process_groups
+    assert len(groups) == 3
+    assert not any(group_alive(g) for g in groups)
+    time.sleep(1)
+    assert sup.restarts == 2 and sup.process.poll() is not None  # stopped for good
