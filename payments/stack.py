@@ -35,6 +35,8 @@ from payments.migrate import upgrade
 from payments.prefect_server import PrefectServer, prefect_home, start_prefect_server
 
 PRODUCT_ID = "demo-mint"
+KEY_VARIABLES = frozenset({"SIGNER_PRIVATE_KEYS", "SIGNER_KEY_SECRET_BLOCKS", "MINTER_PRIVATE_KEY",
+                           "MINTER_KEY_SECRET_BLOCK"})
 PRICE = 1_000_000  # 1.00 of the 6-decimal payment token per unit
 MINT_AMOUNT = 10**18  # one whole mint token per unit
 
@@ -232,7 +234,7 @@ def local_stack(*, database: str, buyers: int, block_time: float = 1, api_port: 
         env.update({
             "DATABASE_URL": database_url, "RPC_URL": rpc_url, "PREFECT_API_URL": prefect.api_url,
             "PREFECT_HOME": str(prefect_home()), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-            "PREFECT_LOGGING_LEVEL": "WARNING",
+            "PREFECT_LOGGING_LEVEL": "INFO",  # run pages show what each run did
         })
         env.setdefault("SIGNER_PRIVATE_KEYS", ",".join("0x" + bytes(s.key).hex() for s in deployment.signers))
         env.setdefault("MINTER_PRIVATE_KEY", "0x" + bytes(deployment.minter.key).hex())
@@ -248,7 +250,9 @@ def local_stack(*, database: str, buyers: int, block_time: float = 1, api_port: 
         stack.callback(serve.stop)
         port = api_port or free_port()
         api_key = env.get("PAYMENTS_API_KEY") or secrets.token_urlsafe(24)
-        api_env = {**env, "PORT": str(port), "PUBLIC_URL": f"http://127.0.0.1:{port}", "PAYMENTS_API_KEY": api_key}
+        # The internet-facing API holds no key: it verifies with an address only.
+        api_env = {k: v for k, v in env.items() if k not in KEY_VARIABLES}
+        api_env.update({"PORT": str(port), "PUBLIC_URL": f"http://127.0.0.1:{port}", "PAYMENTS_API_KEY": api_key})
         api = _spawn(stack, [sys.executable, "-m", "api"], api_env, log_dir / "api.log")
         _wait_http(f"http://127.0.0.1:{port}/openapi.json", api, log_dir / "api.log")
         note(f"API http://127.0.0.1:{port} (OpenAPI at /openapi.json) ({time.monotonic() - t0:.1f} s)")

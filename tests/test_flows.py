@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -329,6 +330,8 @@ def test_the_local_stack_restarts_a_killed_serve_process_and_stops_everything_at
         write_setting(conn, "confirm_run_seconds", 3600)
         write_setting(conn, "monitor_interval_seconds", 3600)
     with local_stack(database="unused", buyers=1, say=False, log_dir=tmp_path) as stack:
+        api_env = Path(f"/proc/{stack.api.pid}/environ").read_bytes().split(b"\0")
+        assert not [v for v in api_env if v.split(b"=")[0] in (b"SIGNER_PRIVATE_KEYS", b"MINTER_PRIVATE_KEY")]
         first = stack.serve.pid
         before = queue_many(embedded_engine, chain, 1)[0]
         assert _wait_for(lambda: payment(embedded_engine, before)["status"] in ("sent", "completed"), 60), \
