@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
+from prefect.runtime import flow_run
 from sqlalchemy import Engine, text
 
 from tasks.common import Pipeline, run_logger
@@ -22,8 +25,11 @@ from tasks.monitor import (
     QueueMetrics,
     SignerHealth,
     Thresholds,
+    affected_payments,
+    alert_opened_at,
     compute_metrics,
     evaluate_alerts,
+    notification_text,
     read_signer_health,
     read_thresholds,
     record_sample,
@@ -91,13 +97,33 @@ def recent_chart(engine: Engine, minutes: int = 60) -> bytes | None:
     return buf.getvalue()
 
 
-def emit_alert_events(due: list[tuple[str, Alert]]) -> None:
+def ui_links() -> dict[str, str]:
+    """Links for notifications: this monitor run and the dashboard artifact in the Prefect UI."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    ui = (PREFECT_UI_URL.value() or (PREFECT_API_URL.value() or "").removesuffix("/api") or "").rstrip("/")
+    if not ui:
+        return {}
+    links = {"dashboard": f"{ui}/artifacts/key/payment-queue-summary"}
+    run_id = flow_run.get_id()
+    if run_id:
+        links["monitor run"] = f"{ui}/runs/flow-run/{run_id}"
+    return links
+
+
+def emit_alert_events(engine: Engine, due: list[tuple[str, Alert]], opened: dict[str, datetime]) -> None:
+    environment = os.environ.get("PAYMENTS_ENVIRONMENT", "local")
+    links = ui_links()
+    now = datetime.now(UTC)
+    with engine.connect() as conn:
+        affected = {a.key: affected_payments(conn, a.key) for kind, a in due if kind != "resolved"}
     for kind, alert in due:
+        body = notification_text(kind, alert, environment=environment, opened_at=opened.get(alert.key), now=now,
+                                 affected=affected.get(alert.key, ([], 0)), links=links)
         emit_event(
             event=f"payments.alert.{kind}",
             resource={"prefect.resource.id": f"payments.alert.{alert.key}", "prefect.resource.name": alert.key},
-            payload={"kind": kind, "key": alert.key,
-                     "message": alert.message if kind != "resolved" else f"resolved: {alert.message}"},
+            payload={"kind": kind, "key": alert.key, "environment": environment, "message": body},
         )
 
 
@@ -110,8 +136,10 @@ def monitor_payments() -> dict[str, Any]:
     signers = read_signer_health(p)
     depths = record_sample(p.engine, metrics, thresholds.sample_retention_days, thresholds.window_minutes)
     alerts = evaluate_alerts(metrics, thresholds, signers, depths)
+    opened_before = alert_opened_at(p.engine)  # every open alert, read before sync resolves some
     due = sync_alerts(p.engine, alerts, thresholds.reminder_seconds)
-    emit_alert_events(due)
+    opened = {**opened_before, **alert_opened_at(p.engine, [a.key for _, a in due])}
+    emit_alert_events(p.engine, due, opened)
     log = run_logger()
     for kind, alert in due:
         log.warning("ALERT %s %s: %s", kind, alert.key, alert.message)

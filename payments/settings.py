@@ -117,6 +117,8 @@ REGISTRY: dict[str, Setting] = {s.name: s for s in (
        "Alert on any payment stuck in sent or processing longer than this", "monitor"),
     _s("alert_reminder_seconds", float, 0, 604_800, 900, "Repeat the notification of an open alert this often",
        "monitor"),
+    _s("alert_rate_min_samples", int, 1, 1_000_000, 20,
+       "Outcomes in the window before the confirmation-rate alert may open", "monitor"),
     _s("alert_queue_trend_samples", int, 2, 1_000, 5,
        "Alert if queue depth has not decreased over this many monitor runs", "monitor"),
     _s("alert_min_gas_balance_wei", int, 0, 10**30, 10**16, "Alert if a signer holds less native gas than this",

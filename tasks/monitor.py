@@ -35,6 +35,7 @@ class Thresholds:
     min_gas_balance_wei: int = 10**16
     nonce_drift: int = 10
     sample_retention_days: int = 7
+    rate_min_samples: int = 20
 
     @classmethod
     def from_settings(cls, rows: dict[str, str]) -> Thresholds:
@@ -52,6 +53,7 @@ class Thresholds:
             min_gas_balance_wei=int(v["alert_min_gas_balance_wei"]),
             nonce_drift=int(v["alert_nonce_drift"]),
             sample_retention_days=int(v["monitor_sample_retention_days"]),
+            rate_min_samples=int(v["alert_rate_min_samples"]),
         )
 
 
@@ -68,6 +70,7 @@ class QueueMetrics:
     stuck_sent: int
     stuck_processing: int
     failed_mints: int = 0
+    window_outcomes: int = 0  # completed + confirmation_failed in the window: the rate's sample size
 
     def as_row(self) -> dict[str, Any]:
         row = asdict(self)
@@ -129,6 +132,7 @@ def compute_metrics(conn: Connection, thresholds: Thresholds, now: datetime | No
         stuck_sent=int((sent_age > thresholds.stuck_seconds).sum()) if not sent_age.empty else 0,
         stuck_processing=stuck_processing,
         failed_mints=int(conn.execute(query("failed_mint_count")).scalar_one()),
+        window_outcomes=completed + conf_failed,
     )
 
 
@@ -136,6 +140,68 @@ def compute_metrics(conn: Connection, thresholds: Thresholds, now: datetime | No
 class Alert:
     key: str
     message: str
+
+
+RUNBOOK = {
+    "sent_age": "payments wait in sent: the transaction manager re-sends, re-prices and fills on its own - check "
+                "fee_cap / gas_low alerts and Late or Crashed confirm runs; then run reset-stuck-payments "
+                "(dry run first)",
+    "stuck": "run reset-stuck-payments (dry run first); look for Late or Crashed send/confirm runs",
+    "confirmation_rate": "read the errors of the failed payments below; run recheck-confirmation-failed "
+                         "(dry run first) if any may have landed",
+    "processing_time": "check that send runs start on time (Late runs in the UI) and the signers have gas",
+    "mints_failed": "fix the cause (minter role, minter gas), then run retry-failed-mints (dry run first)",
+    "queue_depth_not_decreasing": "check send runs (Late / Crashed) and signer gas; add signer lanes if saturated",
+    "gas_low": "fund the wallet with the chain's native token",
+    "nonce_drift": "run resync-nonces (dry run first)",
+    "fee_cap": "raise system_settings.max_fee_per_gas_cap, or wait for base fees to fall",
+    "unkeyed": "configure the wallet's key again until its open nonces are mined",
+}
+
+
+def runbook(key: str) -> str:
+    return RUNBOOK.get(key.split(":", 1)[0], "see the README's Operations section")
+
+
+def affected_payments(conn: Connection, key: str, limit: int = 5) -> tuple[list[str], int]:
+    """The first few payments an alert is about (oldest first) and how many there are."""
+    kind = key.split(":", 1)[0]
+    where = {
+        "sent_age": "status = 'sent'",
+        "stuck": "(status = 'sent' OR (status = 'processing' AND lease_expires_at < now()))",
+        "processing_time": "status IN ('pending', 'processing', 'sent')",
+        "confirmation_rate": "status = 'confirmation_failed' AND updated_at >= now() - interval '1 hour'",
+        "mints_failed": "id IN (SELECT payment_id FROM mint_queue WHERE status = 'failed')",
+    }.get(kind)
+    if where is None:
+        return [], 0
+    rows = conn.execute(text(f"SELECT id, count(*) OVER () FROM payment_queue WHERE {where} "
+                             f"ORDER BY created_at LIMIT :n"), {"n": limit}).all()
+    return [str(r[0]) for r in rows], int(rows[0][1]) if rows else 0
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600} h {s % 3600 // 60} min" if s >= 3600 else f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s"
+
+
+def notification_text(kind: str, alert: Alert, *, environment: str, opened_at: datetime | None,
+                      now: datetime, affected: tuple[list[str], int], links: dict[str, str]) -> str:
+    """The body of an alert notification: what, how bad, since when, which payments, what to do, where to
+    look. Pure: unit-tested."""
+    lines = [f"[{environment}] {alert.key} {kind}: {alert.message}"]
+    if opened_at is not None:
+        since = _duration((now - opened_at).total_seconds())
+        lines.append(f"open for {since} (since {opened_at:%Y-%m-%d %H:%M:%S %Z})" if kind == "resolved"
+                     else f"since {opened_at:%Y-%m-%d %H:%M:%S %Z} ({since})")
+    ids, total = affected
+    if ids and kind != "resolved":
+        more = f" (+{total - len(ids)} more)" if total > len(ids) else ""
+        lines.append(f"payments: {', '.join(ids)}{more}")
+    if kind != "resolved":
+        lines.append(f"what to do: {runbook(alert.key)}")
+    lines += [f"{name}: {url}" for name, url in links.items()]
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -203,7 +269,8 @@ def evaluate_alerts(m: QueueMetrics, t: Thresholds, signers: list[SignerHealth] 
     if m.sent_age_max is not None and m.sent_age_max > t.sent_age_seconds:
         alerts.append(Alert("sent_age", f"a payment has been in sent for {m.sent_age_max:.0f} s "
                                         f"(threshold {t.sent_age_seconds:.0f} s)"))
-    if m.confirmation_rate is not None and m.confirmation_rate < t.confirmation_rate_min:
+    if (m.confirmation_rate is not None and m.confirmation_rate < t.confirmation_rate_min
+            and m.window_outcomes >= t.rate_min_samples):
         alerts.append(Alert("confirmation_rate", f"confirmation rate {m.confirmation_rate:.1%} "
                                                  f"below {t.confirmation_rate_min:.0%}"))
     if m.processing_time_p95 is not None and m.processing_time_p95 > t.processing_time_seconds:
@@ -240,6 +307,14 @@ def evaluate_alerts(m: QueueMetrics, t: Thresholds, signers: list[SignerHealth] 
                                                              f"{s.local_nonce}, node pending count {s.pending_nonce} "
                                                              f"(drift {s.drift}); run resync-nonces"))
     return alerts
+
+
+def alert_opened_at(engine: Engine, keys: list[str] | None = None) -> dict[str, datetime]:
+    """When each open alert (or each of these keys) opened."""
+    with engine.connect() as conn:
+        return {str(k): v for k, v in conn.execute(text(
+            "SELECT key, opened_at FROM monitor_alerts WHERE CASE WHEN CAST(:k AS text[]) IS NULL "
+            "THEN status = 'open' ELSE key = ANY(CAST(:k AS text[])) END"), {"k": keys})}
 
 
 def sync_alerts(engine: Engine, alerts: list[Alert], reminder_seconds: float) -> list[tuple[str, Alert]]:

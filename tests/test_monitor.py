@@ -75,7 +75,7 @@ def test_alert_rules_follow_the_seed_thresholds() -> None:
     assert evaluate_alerts(HEALTHY, t) == []
     breaches = {
         "sent_age": dataclasses.replace(HEALTHY, sent_age_max=61),
-        "confirmation_rate": dataclasses.replace(HEALTHY, confirmation_rate=0.89),
+        "confirmation_rate": dataclasses.replace(HEALTHY, confirmation_rate=0.89, window_outcomes=100),
         "processing_time": dataclasses.replace(HEALTHY, processing_time_p95=61),
         "stuck": dataclasses.replace(HEALTHY, stuck_sent=1),
     }
@@ -86,7 +86,7 @@ def test_alert_rules_follow_the_seed_thresholds() -> None:
 
 def test_summary_lists_metrics_and_alerts() -> None:
     t = Thresholds()
-    bad = dataclasses.replace(HEALTHY, confirmation_rate=0.5)
+    bad = dataclasses.replace(HEALTHY, confirmation_rate=0.5, window_outcomes=40)
     text_ = summary_markdown(bad, t, evaluate_alerts(bad, t))
     assert "50.0%" in text_ and "**confirmation_rate**" in text_
     assert "None." in summary_markdown(HEALTHY, t, [])
@@ -132,3 +132,28 @@ def test_alert_state_opens_once_reminds_and_resolves(engine: Engine) -> None:
     assert [(k, x.key) for k, x in sync_alerts(engine, [], 0)] == [("resolved", "sent_age")]
     assert sync_alerts(engine, [], 0) == []
     assert [k for k, _ in sync_alerts(engine, [a], 3600)] == ["opened"]  # a new episode
+
+
+def test_notifications_say_what_how_bad_since_when_which_payments_and_what_to_do() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from tasks.monitor import Alert, notification_text
+
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    alert = Alert("stuck", "3 payment(s) in sent for more than 300 s")
+    links = {"dashboard": "http://ui/artifacts/key/payment-queue-summary", "monitor run": "http://ui/runs/flow-run/1"}
+    opened = notification_text("opened", alert, environment="prod-base", opened_at=now - timedelta(seconds=75),
+                               now=now, affected=(["pay_a", "pay_b"], 7), links=links)
+    assert opened.splitlines()[0] == "[prod-base] stuck opened: 3 payment(s) in sent for more than 300 s"
+    assert "(1 min 15 s)" in opened and "payments: pay_a, pay_b (+5 more)" in opened
+    assert "what to do: run reset-stuck-payments" in opened and "dashboard: http://ui/artifacts/key/" in opened
+    resolved = notification_text("resolved", alert, environment="prod-base", opened_at=now - timedelta(hours=2),
+                                 now=now, affected=([], 0), links={})
+    assert "open for 2 h 0 min" in resolved and "what to do" not in resolved
+
+
+def test_a_confirmation_rate_alert_needs_enough_outcomes() -> None:
+    low = dataclasses.replace(HEALTHY, confirmation_rate=0.5, window_outcomes=6)
+    assert evaluate_alerts(low, Thresholds(rate_min_samples=20)) == []
+    assert [a.key for a in evaluate_alerts(dataclasses.replace(low, window_outcomes=20),
+                                           Thresholds(rate_min_samples=20))] == ["confirmation_rate"]

@@ -1,0 +1,5 @@
+-- Rates alert only on enough outcomes: 2 failures out of 6 payments opened a confirmation-rate alert that
+-- stayed open for minutes.
+INSERT INTO system_settings (key, value, description) VALUES
+    ('alert_rate_min_samples', '20', 'Outcomes in the window before the confirmation-rate alert may open')
+ON CONFLICT (key) DO NOTHING;
