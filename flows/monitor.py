@@ -60,7 +60,7 @@ def summary_markdown(m: QueueMetrics, t: Thresholds, alerts: list[Alert],
         "",
     ]
     if signers:
-        lines += ["| wallet | gas balance | nonce mined / pending / local | drift | held at fee cap |",
+        lines += ["| wallet | gas balance (native token) | nonce mined / pending / local | drift | held at fee cap |",
                   "| --- | --- | --- | --- | --- |"]
         lines += [f"| {s.address}{'' if s.configured else ' (not configured)'} | {s.balance_wei / 1e18:.6f} | "
                   f"{s.mined_nonce} / {s.pending_nonce} / {'-' if s.local_nonce is None else s.local_nonce} | "
@@ -84,17 +84,48 @@ def recent_chart(engine: Engine, minutes: int = 60) -> bytes | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6, 2.2), dpi=80)
-    ax.plot([r.at for r in rows], [r.queue_depth for r in rows], label="pending")
-    ax.plot([r.at for r in rows], [r.sent for r in rows], label="sent")
-    ax.legend(loc="upper left", fontsize=7)
-    ax.tick_params(labelsize=7)
+    # Readable on the UI's dark theme and its light one: light lines and text on a dark panel.
+    fg, bg = "#e6e6e6", "#1f2430"
+    fig, ax = plt.subplots(figsize=(9, 3.2), dpi=100, facecolor=bg)
+    ax.set_facecolor(bg)
+    times = [r.at for r in rows]
+    ax.plot(times, [r.queue_depth for r in rows], label="pending (queue depth)", color="#5fb3ff", linewidth=2)
+    ax.plot(times, [r.sent for r in rows], label="sent (awaiting confirmation)", color="#ffb454", linewidth=2)
+    ax.set_title(f"Payments waiting, last {minutes} min (one point per monitor run)", color=fg, fontsize=11)
+    ax.set_ylabel("payments", color=fg)
+    ax.set_xlabel("time (UTC)", color=fg)
+    top = max(max(r.queue_depth for r in rows), max(r.sent for r in rows))
+    ax.set_ylim(0, max(5, top * 1.15))  # a flat line at 0 stays at 0, not at ±0.04
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(colors=fg, labelsize=8)
+    for spine in ax.spines.values():
+        spine.set_color("#6b7280")
+    ax.grid(color="#3b4252", linewidth=0.6)
+    ax.legend(loc="upper left", fontsize=8, facecolor=bg, edgecolor="#6b7280", labelcolor=fg)
     fig.autofmt_xdate()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
+    fig.savefig(buf, format="png", bbox_inches="tight", facecolor=bg)
     plt.close(fig)
     return buf.getvalue()
+
+
+def readable_metrics(m: QueueMetrics) -> list[dict[str, str]]:
+    """The metrics as rows an operator reads: a name with its unit, and a formatted value."""
+    def sec(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.1f} s"
+
+    rows = [("queue depth (pending payments)", str(m.queue_depth)),
+            ("age in sent: mean", sec(m.sent_age_mean)), ("age in sent: p95", sec(m.sent_age_p95)),
+            ("age in sent: max", sec(m.sent_age_max)),
+            ("confirmation rate (window)", "n/a" if m.confirmation_rate is None
+             else f"{m.confirmation_rate:.1%} of {m.window_outcomes} outcomes"),
+            ("processing time: p50", sec(m.processing_time_p50)), ("processing time: p95", sec(m.processing_time_p95)),
+            ("stuck in sent", str(m.stuck_sent)), ("stuck in processing (lease expired)", str(m.stuck_processing)),
+            ("failed mints (paid, nothing minted)", str(m.failed_mints))]
+    rows += [(f"payments {status}", str(n)) for status, n in sorted(m.counts.items())]
+    return [{"metric": k, "value": v} for k, v in rows]
 
 
 def ui_links() -> dict[str, str]:
@@ -143,7 +174,7 @@ def monitor_payments() -> dict[str, Any]:
     log = run_logger()
     for kind, alert in due:
         log.warning("ALERT %s %s: %s", kind, alert.key, alert.message)
-    create_table_artifact(key="payment-queue-metrics", table=[metrics.as_row()],
+    create_table_artifact(key="payment-queue-metrics", table=readable_metrics(metrics),
                           description="Payment queue metrics at this run")
     create_markdown_artifact(
         key="payment-queue-summary",

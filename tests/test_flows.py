@@ -146,7 +146,7 @@ def test_monitor_flow_publishes_metrics_to_the_ui(flow_env: dict[str, str], chai
     summary = Artifact.get("payment-queue-summary")
     table = Artifact.get("payment-queue-metrics")
     assert summary is not None and "queue depth (pending) | 3 |" in str(summary.data)
-    assert table is not None and '"queue_depth": 3' in str(table.data).replace("'", '"')
+    assert table is not None and '{"metric": "queue depth (pending payments)", "value": "3"}' in str(table.data)
 
 
 def test_recovery_flow_run_records_its_actions_and_an_artifact(flow_env: dict[str, str], chain: Deployment,
