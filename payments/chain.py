@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, cast
 
+import coincurve
 import requests
+import rlp  # type: ignore[import-untyped]
 from eth_abi.abi import decode as abi_decode
 from eth_abi.abi import encode as abi_encode
-from eth_account import Account
 from eth_utils.crypto import keccak
 from web3 import HTTPProvider, Web3
 from web3.types import RPCEndpoint
@@ -296,28 +297,33 @@ class SignedTx:
     gas_limit: int
 
 
+@lru_cache(maxsize=256)
+def _private_key(raw: bytes) -> coincurve.PrivateKey:
+    return coincurve.PrivateKey(raw)
+
+
+def _key_bytes(key: Any) -> bytes:
+    raw = bytes.fromhex(key.removeprefix("0x")) if isinstance(key, str) else bytes(key)
+    if len(raw) != 32:
+        raise ValueError("a private key is 32 bytes")
+    return raw
+
+
 def sign_tx(
     key: Any, *, chain_id: int, nonce: int, to: str, data: bytes, gas: int, fees: Fees, value: int = 0
 ) -> SignedTx:
-    tx = {
-        "type": 2,
-        "chainId": chain_id,
-        "nonce": nonce,
-        "to": Web3.to_checksum_address(to),
-        "value": value,
-        "data": data,
-        "gas": gas,
-        "maxFeePerGas": fees.max_fee_per_gas,
-        "maxPriorityFeePerGas": fees.max_priority_fee_per_gas,
-    }
-    signed = Account.sign_transaction(tx, key)
-    return SignedTx(
-        nonce=nonce,
-        tx_hash="0x" + bytes(signed.hash).hex(),
-        raw=bytes(signed.raw_transaction),
-        fees=fees,
-        gas_limit=gas,
-    )
+    """Sign an EIP-1559 transaction: RLP over coincurve (libsecp256k1), byte-identical to eth-account's
+    `Account.sign_transaction` (a test compares them) at a fraction of its cost per transaction."""
+    to_bytes = bytes.fromhex(to.removeprefix("0x"))
+    if len(to_bytes) != 20:
+        raise ValueError(f"not an address: {to!r}")
+    unsigned = [chain_id, nonce, fees.max_priority_fee_per_gas, fees.max_fee_per_gas, gas, to_bytes, value,
+                bytes(data), []]
+    digest = keccak(b"\x02" + rlp.encode(unsigned))
+    signature = _private_key(_key_bytes(key)).sign_recoverable(digest, hasher=None)  # r || s || v, low s
+    raw = b"\x02" + rlp.encode([*unsigned, signature[64], int.from_bytes(signature[:32], "big"),
+                                 int.from_bytes(signature[32:64], "big")])
+    return SignedTx(nonce=nonce, tx_hash="0x" + keccak(raw).hex(), raw=raw, fees=fees, gas_limit=gas)
 
 
 def to_int(value: Any) -> int:

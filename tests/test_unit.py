@@ -8,6 +8,8 @@ import pytest
 from eth_abi.abi import encode
 from eth_account import Account
 from eth_utils.crypto import keccak
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from payments.chain import (
     Fees,
@@ -388,3 +390,24 @@ def test_a_late_run_ends_when_an_on_time_run_would_have() -> None:
     assert tick_loop(PipelineSettings, 25, lambda s: 100, lambda s: False, late_by=24.5) in (5, 6)
     assert time.monotonic() - started < 0.8  # 0.5 s of its window was left
     assert tick_loop(PipelineSettings, 0, lambda s: 100, lambda s: False, late_by=600) == 1  # window 0: one pass
+
+
+@given(nonce=st.integers(0, 2**64 - 1), tip=st.integers(0, 10**12), extra=st.integers(0, 10**15),
+       gas=st.integers(21_000, 30_000_000), value=st.integers(0, 2**255), data=st.binary(max_size=600),
+       to=st.binary(min_size=20, max_size=20), key=st.integers(1, 2**255), chain_id=st.sampled_from([1, 8453, 31337]))
+@settings(max_examples=200, deadline=None)
+def test_the_lean_signer_gives_eth_accounts_exact_bytes(nonce: int, tip: int, extra: int, gas: int, value: int,
+                                                        data: bytes, to: bytes, key: int, chain_id: int) -> None:
+    from eth_account import Account
+    from web3 import Web3
+
+    private = key.to_bytes(32, "big")
+    fees = Fees(max_fee_per_gas=tip + extra, max_priority_fee_per_gas=tip)
+    ours = sign_tx(private, chain_id=chain_id, nonce=nonce, to="0x" + to.hex(), data=data, gas=gas, fees=fees,
+                   value=value)
+    theirs = Account.sign_transaction({
+        "type": 2, "chainId": chain_id, "nonce": nonce, "to": Web3.to_checksum_address("0x" + to.hex()),
+        "value": value, "data": data, "gas": gas, "maxFeePerGas": fees.max_fee_per_gas,
+        "maxPriorityFeePerGas": tip}, private)
+    assert ours.raw == bytes(theirs.raw_transaction)
+    assert ours.tx_hash == "0x" + bytes(theirs.hash).hex()
