@@ -16,6 +16,7 @@ from pydantic import Field
 
 from flows.runs import finish_run, has_work
 from flows.ticks import add_counts, counts, tick_loop
+from payments.db import fetch_all, transaction
 from payments.settings import PipelineSettings
 from tasks.common import Pipeline, chunked, new_owner_id, run_logger, signer_lanes
 from tasks.send import (
@@ -76,6 +77,12 @@ def send_payments(
             add_counts(total, report)
             return report.claimed >= settings.payment_batch_size * len(lanes)
 
-        tick_loop(p.settings, window, lambda s: s.payment_batch_interval_ms, tick, max_ticks)
+        try:
+            tick_loop(p.settings, window, lambda s: s.payment_batch_interval_ms, tick, max_ticks)
+        finally:  # claims this run did not sign go back now (a killed run's wait for their lease)
+            with transaction(p.engine, owner) as conn:
+                given_back = fetch_all(conn, "release_owned_claims", owner=owner)
+            if given_back:
+                log.info("Gave back %d claimed payments this run did not sign", len(given_back))
     finish_run("send", counts(total), started)
     return counts(total)

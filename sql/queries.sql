@@ -100,6 +100,15 @@ SET status = 'pending', signer = NULL, lease_owner = NULL, lease_expires_at = NU
 WHERE id = ANY(CAST(:ids AS text[])) AND status = 'processing' AND lease_owner = :owner AND tx_hash IS NULL
 RETURNING id
 
+-- release_owned_claims --
+-- A send run that ends (its window, a cancellation, a shutdown) gives back what it claimed and did not
+-- sign, at once, instead of leaving it to its lease.
+UPDATE payment_queue
+SET status = 'pending', signer = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now(),
+    error = 'the send run ended before signing; requeued'
+WHERE status = 'processing' AND lease_owner = :owner AND tx_hash IS NULL
+RETURNING id
+
 -- lock_owned_unsigned_payments --
 SELECT id FROM payment_queue
 WHERE id = ANY(CAST(:ids AS text[])) AND status = 'processing' AND lease_owner = :owner AND tx_hash IS NULL

@@ -233,6 +233,21 @@ def test_idle_runs_make_no_task_runs_and_every_run_says_what_it_did(
     assert name.startswith("send ") and "sent 3" in name and tasks >= 2, (name, tasks)
 
 
+def test_a_send_run_that_ends_gives_back_its_unsigned_claims_at_once(
+    flow_env: dict[str, str], chain: Deployment, embedded_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasks.send
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the run fails after claiming")
+
+    monkeypatch.setattr(tasks.send, "assign_nonces_and_sign", broken)
+    queue_many(embedded_engine, chain, 4)
+    state = send_payments(run_seconds=0, max_ticks=1, return_state=True)
+    assert state.is_failed()
+    assert statuses(embedded_engine) == {"pending": 4}  # not `processing` until the 60 s lease runs out
+
+
 def test_the_ui_is_told_to_reach_its_own_server(prefect_api: str) -> None:
     import requests
 
