@@ -123,7 +123,8 @@ def readable_metrics(m: QueueMetrics) -> list[dict[str, str]]:
              else f"{m.confirmation_rate:.1%} of {m.window_outcomes} outcomes"),
             ("processing time: p50", sec(m.processing_time_p50)), ("processing time: p95", sec(m.processing_time_p95)),
             ("stuck in sent", str(m.stuck_sent)), ("stuck in processing (lease expired)", str(m.stuck_processing)),
-            ("failed mints (paid, nothing minted)", str(m.failed_mints))]
+            ("failed mints (paid, nothing minted)", str(m.failed_mints)),
+            ("settlements reverted on chain (window)", str(m.reverted_settlements))]
     rows += [(f"payments {status}", str(n)) for status, n in sorted(m.counts.items())]
     return [{"metric": k, "value": v} for k, v in rows]
 

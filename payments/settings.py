@@ -119,6 +119,8 @@ REGISTRY: dict[str, Setting] = {s.name: s for s in (
        "monitor"),
     _s("alert_rate_min_samples", int, 1, 1_000_000, 20,
        "Outcomes in the window before the confirmation-rate alert may open", "monitor"),
+    _s("alert_reverted_settlements", int, 0, 1_000_000, 3,
+       "Alert when more settlements than this reverted on chain (our gas) in the window", "monitor"),
     _s("alert_queue_trend_samples", int, 2, 1_000, 5,
        "Alert if queue depth has not decreased over this many monitor runs", "monitor"),
     _s("alert_min_gas_balance_wei", int, 0, 10**30, 10**16, "Alert if a signer holds less native gas than this",

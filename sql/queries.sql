@@ -630,3 +630,11 @@ RETURNING id
 
 -- failed_mint_count --
 SELECT count(*) FROM mint_queue WHERE status = 'failed'
+
+-- reverted_settlement_count --
+-- Settlements that mined and reverted (gas paid by our hot wallets) within the window: overdrafts,
+-- front-runs, griefing. From the transaction manager's recorded nonce outcomes.
+SELECT count(*) FROM txm_nonces n
+JOIN payment_transactions t ON t.tx_hash = n.mined_hash
+WHERE n.status = 0 AND t.kind IN ('settlement', 'replacement')
+  AND n.recorded_at >= now() - make_interval(mins => :window_minutes)

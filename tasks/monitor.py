@@ -36,6 +36,7 @@ class Thresholds:
     nonce_drift: int = 10
     sample_retention_days: int = 7
     rate_min_samples: int = 20
+    reverted_settlements: int = 3
 
     @classmethod
     def from_settings(cls, rows: dict[str, str]) -> Thresholds:
@@ -54,6 +55,7 @@ class Thresholds:
             nonce_drift=int(v["alert_nonce_drift"]),
             sample_retention_days=int(v["monitor_sample_retention_days"]),
             rate_min_samples=int(v["alert_rate_min_samples"]),
+            reverted_settlements=int(v["alert_reverted_settlements"]),
         )
 
 
@@ -71,6 +73,7 @@ class QueueMetrics:
     stuck_processing: int
     failed_mints: int = 0
     window_outcomes: int = 0  # completed + confirmation_failed in the window: the rate's sample size
+    reverted_settlements: int = 0  # settlements mined with status 0 in the window (our gas)
 
     def as_row(self) -> dict[str, Any]:
         row = asdict(self)
@@ -133,6 +136,8 @@ def compute_metrics(conn: Connection, thresholds: Thresholds, now: datetime | No
         stuck_processing=stuck_processing,
         failed_mints=int(conn.execute(query("failed_mint_count")).scalar_one()),
         window_outcomes=completed + conf_failed,
+        reverted_settlements=int(conn.execute(query("reverted_settlement_count"),
+                                              {"window_minutes": thresholds.window_minutes}).scalar_one()),
     )
 
 
@@ -151,6 +156,8 @@ RUNBOOK = {
                          "(dry run first) if any may have landed",
     "processing_time": "check that send runs start on time (Late runs in the UI) and the signers have gas",
     "mints_failed": "fix the cause (minter role, minter gas), then run retry-failed-mints (dry run first)",
+    "settlements_reverted": "look for payers whose authorizations overdraw their balance or are used elsewhere; "
+                            "lower max_open_payments_per_payer",
     "queue_depth_not_decreasing": "check send runs (Late / Crashed) and signer gas; add signer lanes if saturated",
     "gas_low": "fund the wallet with the chain's native token",
     "nonce_drift": "run resync-nonces (dry run first)",
@@ -279,6 +286,10 @@ def evaluate_alerts(m: QueueMetrics, t: Thresholds, signers: list[SignerHealth] 
     if m.stuck_sent or m.stuck_processing:
         alerts.append(Alert("stuck", f"{m.stuck_sent} payment(s) in sent for more than {t.stuck_seconds:.0f} s, "
                                      f"{m.stuck_processing} in processing with an expired lease"))
+    if m.reverted_settlements > t.reverted_settlements:
+        alerts.append(Alert("settlements_reverted", f"{m.reverted_settlements} settlement(s) reverted on chain in the "
+                                                    f"last {t.window_minutes} min (our gas; threshold "
+                                                    f"{t.reverted_settlements})"))
     if m.failed_mints:
         alerts.append(Alert("mints_failed", f"{m.failed_mints} paid mint(s) failed; fix the cause, then run "
                                             "retry-failed-mints"))

@@ -152,6 +152,13 @@ def test_notifications_say_what_how_bad_since_when_which_payments_and_what_to_do
     assert "open for 2 h 0 min" in resolved and "what to do" not in resolved
 
 
+def test_settlements_reverted_on_our_gas_raise_an_alert_over_the_threshold() -> None:
+    t = Thresholds(reverted_settlements=3)
+    assert evaluate_alerts(dataclasses.replace(HEALTHY, reverted_settlements=3), t) == []
+    assert [a.key for a in evaluate_alerts(dataclasses.replace(HEALTHY, reverted_settlements=4), t)] == [
+        "settlements_reverted"]
+
+
 def test_a_confirmation_rate_alert_needs_enough_outcomes() -> None:
     low = dataclasses.replace(HEALTHY, confirmation_rate=0.5, window_outcomes=6)
     assert evaluate_alerts(low, Thresholds(rate_min_samples=20)) == []

@@ -127,6 +127,10 @@ def test_an_on_chain_revert_is_not_proof_the_payment_failed(pipeline: Pipeline, 
     assert payment(pipeline.engine, second)["status"] == "sent"  # reverted, but its authorization is unused
     assert _confirm(pipeline).requeued == 1  # our nonce is spent: settle again under a new one
     assert payment(pipeline.engine, second)["status"] == "pending"
+    from tasks.monitor import Thresholds, compute_metrics
+
+    with pipeline.engine.connect() as conn:  # the revert cost our gas: the monitor counts it
+        assert compute_metrics(conn, Thresholds()).reverted_settlements == 1
     # The simulation now reverts, but its calldata is public (anyone could still submit it while the
     # buyer's balance allows): not `failed` - the confirm stage waits for proof from the chain.
     assert _send(pipeline).handed_over == 1
