@@ -470,20 +470,26 @@ class Drill:
                             f"started again on {server.pgdata.name}/", blocks_progress=True))
 
     def fault_drop(self, _: Planned) -> None:
+        """Drop pending settlements from anvil's pool; retried until one is still pending when dropped."""
         started = time.time()
-        found = self.wait_for_settlements(150)  # injected whenever the pipeline next sends
-        if not found:
-            self.j.add(Injected("drop_txs", started, time.time(), "no pending settlement seen for 150 s", ok=False))
+        deadline = time.monotonic() + 150  # injected whenever the pipeline next sends
+        while time.monotonic() < deadline:
+            found = self.wait_for_settlements(deadline - time.monotonic())
+            if not found:
+                break
+            chosen = self.rng.sample(found, k=min(len(found), self.rng.randint(1, 4)))
+            before = {str(t["hash"]).lower() for t in self.pool_txs()}
+            dropped = [c["hash"] for c in chosen if self.rpc("anvil_dropTransaction", [c["hash"]]) is not None]
+            if not dropped:
+                continue  # mined in between
+            after = {str(t["hash"]).lower() for t in self.pool_txs()}
+            removed = [h for h in before - after if self.rpc("eth_getTransactionReceipt", [h]) is None]
+            self.j.add(Injected("drop_txs", started, time.time(),
+                                f"anvil_dropTransaction of {len(dropped)} pending settlement(s) "
+                                f"{', '.join(h[:10] for h in dropped)}; {len(removed)} tx(s) left the pool "
+                                "unmined with them (later nonces go too)"))
             return
-        chosen = self.rng.sample(found, k=min(len(found), self.rng.randint(1, 4)))
-        before = {str(t["hash"]).lower() for t in self.pool_txs()}
-        dropped = [c["hash"] for c in chosen if self.rpc("anvil_dropTransaction", [c["hash"]]) is not None]
-        after = {str(t["hash"]).lower() for t in self.pool_txs()}
-        gone = len(before - after)
-        self.j.add(Injected("drop_txs", started, time.time(),
-                            f"anvil_dropTransaction of {len(dropped)} pending settlement(s) "
-                            f"{', '.join(h[:10] for h in dropped)} ({gone} tx(s) left the pool with them)",
-                            ok=bool(dropped)))
+        self.j.add(Injected("drop_txs", started, time.time(), "no pending settlement seen for 150 s", ok=False))
 
     def known_txs(self, hashes: list[str]) -> dict[str, str]:
         """hash -> kind of the transactions payment_transactions holds among these (empty if the database
