@@ -99,6 +99,7 @@ class RpcProxy:
         self.open: set[asyncio.StreamWriter] = set()
         self.connections = 0
         self.cut_connections = 0
+        self.down = False
 
     @property
     def url(self) -> str:
@@ -113,6 +114,7 @@ class RpcProxy:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=15)
 
     async def _listen(self) -> None:
+        self.down = False
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -120,6 +122,10 @@ class RpcProxy:
             up_reader, up_writer = await asyncio.open_connection(self.upstream_host, self.upstream_port)
         except OSError:
             writer.transport.abort()
+            return
+        if self.down:  # accepted just before the cut
+            writer.transport.abort()
+            up_writer.transport.abort()
             return
         self.connections += 1
         pair = {writer, up_writer}
@@ -142,6 +148,7 @@ class RpcProxy:
             self.open -= pair
 
     async def _cut(self) -> int:
+        self.down = True
         if self.server is not None:
             self.server.close()
             self.server = None
@@ -312,7 +319,7 @@ class ServeProcess:
         self.all_keys = [k for k in self.env.get("SIGNER_PRIVATE_KEYS", "").split(",") if k]
         self.keys = list(self.all_keys)
         self.restarts = 0
-        self.restarting = threading.Lock()
+        self.restarting = threading.RLock()
         self.unexpected_exits: list[tuple[float, int]] = []
 
     def restart(self, keys: list[str]) -> None:
@@ -327,10 +334,11 @@ class ServeProcess:
 
     def watch(self) -> None:
         """Note an exit the drill did not cause (and start it again: the drill is not testing supervision)."""
-        if self.restarting.locked() or self.process.poll() is None:
-            return
-        self.unexpected_exits.append((time.time(), int(self.process.returncode)))
-        self.restart(self.keys)
+        with self.restarting:  # waits out a restart the drill is making
+            if self.process.poll() is None:
+                return
+            self.unexpected_exits.append((time.time(), int(self.process.returncode)))
+            self.restart(self.keys)
 
     def flow_runs(self) -> dict[int, str]:
         """Flow-run processes (`python -m prefect.engine` children of the serve process) and their flow
@@ -726,7 +734,7 @@ class Drill:
         sampler = threading.Thread(target=self._sample, args=(samples,), daemon=True)
         sampler.start()
         with ThreadPoolExecutor(max_workers=prof.buyers, thread_name_prefix="buyer") as buyers, \
-                ThreadPoolExecutor(max_workers=8, thread_name_prefix="fault") as faults:
+                ThreadPoolExecutor(max_workers=len(self.plan), thread_name_prefix="fault") as faults:
             bought = [buyers.submit(self.buy, b, per_buyer[b], give_up) for b in range(prof.buyers)]
             injected = []
             for p in self.plan:
@@ -735,7 +743,7 @@ class Drill:
                 injected.append(faults.submit(self._guard, handlers[p.kind], p))
             for f in injected:
                 f.result()
-            last_fault = max((i.ended for i in self.j.injected), default=time.time())
+            last_fault = max((i.ended for i in self.j.injected if i.ok), default=time.time())
             print(f"  • {self.j.stamp(last_fault)}  last fault over; {len(self.j.accepted)} payments accepted so far",
                   flush=True)
             for f in bought:
