@@ -379,6 +379,7 @@ class Drill:
         self.merchant = self.dep.merchant.lower()
         self.stop = threading.Event()
         self.front_runs: list[tuple[str, str]] = []
+        self.killed: set[int] = set()
         self.summary: dict[str, Any] = {"seed": seed, "passed": False}
 
     # ------------------------------------------------------------------ chain helpers
@@ -438,16 +439,20 @@ class Drill:
         started = time.time()
         deadline = time.monotonic() + 90  # due every 25 s, but a serve restart can leave none for a minute
         while time.monotonic() < deadline:
-            runs = {pid: self.flow_name(fid) for pid, fid in self.serve.flow_runs().items()}
+            runs = {pid: self.flow_name(fid) for pid, fid in self.serve.flow_runs().items() if pid not in self.killed}
             pipeline = sorted(pid for pid, name in runs.items()
                               if name.split(" ")[0] in ("send-payments", "confirm-payments", "mint-tokens"))
             if runs and (pipeline or time.monotonic() > deadline - 5):
-                victim = self.rng.choice(pipeline or sorted(runs))
-                with suppress(ProcessLookupError):
-                    os.kill(victim, signal.SIGKILL)
-                    self.j.add(Injected("kill_flow_run", started, time.time(),
-                                        f"kill -9 {victim}: {runs[victim]} (one of {len(runs)} flow-run processes)"))
-                    return
+                with self.j.lock:  # two kills due together must not pick the same process
+                    victim = self.rng.choice([p for p in (pipeline or sorted(runs)) if p not in self.killed] or [0])
+                    self.killed.add(victim)
+                if victim:
+                    with suppress(ProcessLookupError):
+                        os.kill(victim, signal.SIGKILL)
+                        self.j.add(Injected("kill_flow_run", started, time.time(),
+                                            f"kill -9 {victim}: {runs[victim]} (one of {len(runs)} flow-run "
+                                            "processes)"))
+                        return
             time.sleep(0.5)
         self.j.add(Injected("kill_flow_run", started, time.time(), "no flow-run process alive for 90 s", ok=False))
 
