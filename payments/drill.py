@@ -560,7 +560,7 @@ class Drill:
                 return
             to, value = row.token, 0
             data = settlement_data(row.payer, row.pay_to, int(row.amount), int(row.valid_after),
-                                                    int(row.valid_before), row.auth_nonce, row.signature)
+                                   int(row.valid_before), row.auth_nonce, row.signature)
             tip, fee, pid, their, source = 10**9, 0, row.id, "-", "queued payment (nothing pending on chain)"
         base = to_int(self.head().get("baseFeePerGas", "0x0"))
         my_tip = max(tip * 10, 5 * 10**9)
