@@ -194,9 +194,9 @@ class Profile:
 
 
 FULL = Profile(payments=300, buyers=12, window=180, fault_start=10, fault_end=185, kills=12, drops=2, reorgs=2,
-               front_runs=2, spikes=1, overlaps=3, outage=30, signer_off=40, overlap_seconds=12)
+               front_runs=2, spikes=1, overlaps=3, outage=30, signer_off=60, overlap_seconds=12)
 REDUCED = Profile(payments=60, buyers=6, window=90, fault_start=15, fault_end=105, kills=4, drops=1, reorgs=1,
-                  front_runs=1, spikes=1, overlaps=1, outage=30, signer_off=20, overlap_seconds=8)
+                  front_runs=1, spikes=1, overlaps=1, outage=30, signer_off=45, overlap_seconds=8)
 
 
 @dataclass(frozen=True)
