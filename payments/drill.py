@@ -206,32 +206,45 @@ class Planned:
     arg: float = 0.0
 
 
+RESTART_SPACING = 30.0  # seconds between faults that take the serve process down (its recovery time)
+
+
 def make_plan(rng: random.Random, prof: Profile) -> list[Planned]:
     """Fault moments from the seed. Windowed faults (RPC outage, PostgreSQL restart, base-fee spikes) are
-    laid out in a shuffled order with random gaps, never overlapping; the two serve restarts of the signer
-    removal fall outside them when the window allows."""
+    laid out in a shuffled order with random gaps, never overlapping. The faults that take the serve
+    process down - the PostgreSQL restart (its runner gives up while the Prefect API answers 5xx) and the
+    two restarts of the signer removal - are RESTART_SPACING apart, so each recovery is seen on its own;
+    the serve restarts also fall outside the other windows."""
     lo, hi, margin = prof.fault_start, prof.fault_end, 5.0
-    windowed = [("rpc_outage", prof.outage, prof.outage), ("pg_restart", 12.0, 0.0)]
-    windowed += [("base_fee_spike", 8.0, 0.0) for _ in range(prof.spikes)]
-    rng.shuffle(windowed)
-    free = (hi - lo) - sum(d for _, d, _ in windowed) - margin * (len(windowed) - 1)
-    if free < 0:
-        raise ValueError("the fault window is too short for the outage, the restart and the spikes")
-    cuts = sorted(rng.uniform(0, free) for _ in range(len(windowed)))
-    plan: list[Planned] = []
-    windows: list[tuple[float, float]] = []
-    at, used = lo, 0.0
-    for (kind, duration, arg), cut in zip(windowed, cuts, strict=True):
-        at += cut - used
-        used = cut
-        plan.append(Planned(at, kind, arg))
-        windows.append((at, at + duration))
-        at += duration + margin
-    off = rng.uniform(lo, hi - prof.signer_off)
     for _ in range(1000):
-        if not any(w0 - margin < m < w1 + margin for m in (off, off + prof.signer_off) for w0, w1 in windows):
-            break
-        off = rng.uniform(lo, hi - prof.signer_off)
+        windowed = [("rpc_outage", prof.outage, prof.outage), ("pg_restart", 12.0, 0.0)]
+        windowed += [("base_fee_spike", 8.0, 0.0) for _ in range(prof.spikes)]
+        rng.shuffle(windowed)
+        free = (hi - lo) - sum(d for _, d, _ in windowed) - margin * (len(windowed) - 1)
+        if free < 0:
+            raise ValueError("the fault window is too short for the outage, the restart and the spikes")
+        cuts = sorted(rng.uniform(0, free) for _ in range(len(windowed)))
+        plan: list[Planned] = []
+        windows: list[tuple[float, float]] = []
+        at, used = lo, 0.0
+        for (kind, duration, arg), cut in zip(windowed, cuts, strict=True):
+            at += cut - used
+            used = cut
+            plan.append(Planned(at, kind, arg))
+            windows.append((at, at + duration))
+            at += duration + margin
+        pg = next(p.at for p in plan if p.kind == "pg_restart")
+        for _ in range(100):
+            off = rng.uniform(lo, hi - prof.signer_off)
+            moments = (off, off + prof.signer_off)
+            if not any(w0 - margin < m < w1 + margin for m in moments for w0, w1 in windows) \
+                    and all(abs(m - pg) >= RESTART_SPACING for m in moments):
+                break
+        else:
+            continue
+        break
+    else:
+        raise ValueError("no fault plan keeps the serve restarts apart in this window")
     plan.append(Planned(off, "signer_removed", prof.signer_off))
     plan += [Planned(rng.uniform(lo, hi), "kill_flow_run") for _ in range(prof.kills)]
     outage = next(w for w, (kind, _, _) in zip(windows, windowed, strict=True) if kind == "rpc_outage")
