@@ -206,6 +206,7 @@ class Planned:
     arg: float = 0.0
 
 
+STOPS_PIPELINE = frozenset({"kill_flow_run", "signer_removed", "signer_restored", "pg_restart", "rpc_outage"})
 RESTART_SPACING = 30.0  # seconds between faults that take the serve process down (its recovery time)
 
 
@@ -985,8 +986,10 @@ class Drill:
         """Progress is a payment reaching a terminal status. Returns (after a fault) the longest time from
         the end of an injected fault to the next progress while some payment was open, and (between
         progress) the longest gap between consecutive progress while some payment was open. Both leave
-        out time inside an RPC outage or a PostgreSQL restart, when nothing can progress; a later fault
-        does not restart the clock of an earlier one."""
+        out time inside an RPC outage or a PostgreSQL restart, when nothing can progress. A fault's clock
+        is taken over only by a later fault that stops the pipeline's processes (STOPS_PIPELINE: a kill,
+        a serve restart, PostgreSQL, the RPC outage) - never by one on the chain (a drop, a reorg, a
+        front-run, a fee spike) or by the drill's own runs, which the pipeline must ride through."""
         windows = [(i.started, i.ended) for i in self.j.injected if i.blocks_progress]
 
         def blocked(a: float, b: float) -> float:
@@ -1011,10 +1014,13 @@ class Drill:
         if since is not None and open_:
             gaps.append((since, end))
         after, between = (0.0, ""), (0.0, "")
-        for f in (i for i in self.j.injected if i.ok):
+        done = [i for i in self.j.injected if i.ok]
+        for f in done:
             gap = next(((a, b) for a, b in gaps if a <= f.ended < b), None)
             if gap is None:
                 continue  # nothing open, or progress at that very moment
+            if any(g is not f and g.kind in STOPS_PIPELINE and f.ended < g.ended < gap[1] for g in done):
+                continue  # a later fault that stops the pipeline itself took over before progress resumed
             length = gap[1] - f.ended - blocked(f.ended, gap[1])
             if length > after[0]:
                 after = (length, f" (after {f.kind} at {self.j.stamp(f.ended)}, next progress at "
