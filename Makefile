@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 STAMP_PY := $(VENV)/.installed
 STAMP_NPM := node_modules/.installed
 PAYMENTS ?= 50
+SEED ?=
 
-.PHONY: setup demo test lint migrate contracts check-contracts up clean
+.PHONY: setup demo drill test lint migrate contracts check-contracts up clean
 
 setup: $(STAMP_PY) $(STAMP_NPM)
 
@@ -22,6 +23,12 @@ $(STAMP_NPM): package.json package-lock.json
 
 demo: setup
 	$(BIN)/python -m payments.demo --payments $(PAYMENTS)
+
+# The fault drill: the real stack under kill -9s, an RPC outage, a PostgreSQL restart, dropped txs, a reorg,
+# a front-run, a fee spike, overlapping runs and a removed signer; checked from the chain (SEED=N to repeat,
+# REDUCED=1 for the test suite's short version).
+drill: setup
+	$(BIN)/python -m payments.drill $(if $(SEED),--seed $(SEED)) $(if $(REDUCED),--reduced)
 
 up: setup
 	$(BIN)/python -m payments.up

@@ -53,6 +53,7 @@ class Stack:
     serve: Supervised
     api: subprocess.Popen[bytes]
     receiver: AlertReceiver | None
+    service_rpc_url: str = ""  # what the flows and the API use (rpc_url unless local_stack got service_rpc)
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:
@@ -194,7 +195,11 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], log_path: Path, timeo
 
 @contextmanager
 def local_stack(*, database: str, buyers: int, block_time: float = 1, api_port: int | None = None,
-                say: bool = True, log_dir: Path = DATA_DIR) -> Iterator[Stack]:
+                say: bool = True, log_dir: Path = DATA_DIR,
+                service_rpc: Callable[[str], str] | None = None) -> Iterator[Stack]:
+    """service_rpc maps the chain's URL (used to deploy) to the URL the flows and the API are given,
+    e.g. a proxy in front of it."""
+
     def note(message: str) -> None:
         if say:
             print(f"• {message}", flush=True)
@@ -227,12 +232,13 @@ def local_stack(*, database: str, buyers: int, block_time: float = 1, api_port: 
                 "payment_token": deployment.payment_token.lower(), "price_per_unit": PRICE,
                 "amount_per_unit": MINT_AMOUNT, "pay_to": deployment.merchant.lower(), "max_quantity": 1000,
                 "active": True})
+        service_rpc_url = service_rpc(rpc_url) if service_rpc else rpc_url
         prefect = start_prefect_server(create_database(pg_uri, "prefect") if pg_uri else database_url)
         stack.callback(prefect.stop)
         note(f"Prefect API {prefect.api_url} - UI {prefect.ui_url} ({time.monotonic() - t0:.1f} s)")
         env = dict(os.environ)
         env.update({
-            "DATABASE_URL": database_url, "RPC_URL": rpc_url, "PREFECT_API_URL": prefect.api_url,
+            "DATABASE_URL": database_url, "RPC_URL": service_rpc_url, "PREFECT_API_URL": prefect.api_url,
             "PREFECT_HOME": str(prefect_home()), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
             "PREFECT_LOGGING_LEVEL": "INFO",  # run pages show what each run did
         })
@@ -258,7 +264,7 @@ def local_stack(*, database: str, buyers: int, block_time: float = 1, api_port: 
         note(f"API http://127.0.0.1:{port} (OpenAPI at /openapi.json) ({time.monotonic() - t0:.1f} s)")
         yield Stack(database_url=database_url, rpc_url=rpc_url, deployment=deployment, prefect=prefect,
                     api_url=f"http://127.0.0.1:{port}", api_key=api_key, engine=engine, serve=serve, api=api,
-                    receiver=receiver)
+                    receiver=receiver, service_rpc_url=service_rpc_url)
 
 
 def trigger_deployments(stack: Stack, names: list[str]) -> None:
