@@ -18,7 +18,7 @@ from flows.runs import finish_run, has_work
 from flows.ticks import add_counts, counts, tick_loop
 from payments.db import fetch_all, transaction
 from payments.settings import PipelineSettings
-from tasks.common import Pipeline, chunked, new_owner_id, run_logger, signer_lanes
+from tasks.common import Lanes, Pipeline, chunked, new_owner_id, run_logger
 from tasks.send import (
     BROADCAST_CHUNK,
     SendReport,
@@ -67,15 +67,18 @@ def send_payments(
     owner = new_owner_id(f"send-{flow_run.get_id() or 'local'}")
     total = SendReport()
     log = run_logger()
-    with signer_lanes(p.engine, p.chain_id, p.signers) as lanes:
-        if not lanes:
-            log.info("Every signer lane is held by another send run; nothing to do")
-            return counts(total)
+    lanes = Lanes(p.engine, p.chain_id, p.signers)
+    try:
+        if not lanes.take():
+            log.info("Every signer lane is held by another send run; standing by to take them over")
 
         def tick(settings: PipelineSettings) -> bool:
-            report = send_tick(p, lanes, owner, settings)
+            owned = lanes.take()  # a standby run takes over the lanes a finished or dead run let go
+            if not owned:
+                return False
+            report = send_tick(p, owned, owner, settings)
             add_counts(total, report)
-            return report.claimed >= settings.payment_batch_size * len(lanes)
+            return report.claimed >= settings.payment_batch_size * len(owned)
 
         try:
             tick_loop(p.settings, window, lambda s: s.payment_batch_interval_ms, tick, max_ticks)
@@ -84,5 +87,7 @@ def send_payments(
                 given_back = fetch_all(conn, "release_owned_claims", owner=owner)
             if given_back:
                 log.info("Gave back %d claimed payments this run did not sign", len(given_back))
+    finally:
+        lanes.release()
     finish_run("send", counts(total), started)
     return counts(total)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError
 from web3 import Web3
 
 from payments.chain import connect
@@ -97,6 +99,53 @@ def signer_lanes(engine: Engine, chain_id: int, signers: list[Signer]) -> Iterat
                 conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"),
                              {"k": lane_lock_key(chain_id, s.address)})
             conn.commit()
+
+
+class Lanes:
+    """Signer lanes a long-running send (or mint) run holds, taken again every tick: a run that started
+    while another held every lane stands by and takes them over the moment that run ends or dies (its
+    session locks go with its connection), instead of ending and leaving the lanes idle until the next
+    scheduled run starts."""
+
+    def __init__(self, engine: Engine, chain_id: int, signers: list[Signer]) -> None:
+        self.engine, self.chain_id, self.signers = engine, chain_id, signers
+        self.conn: Connection | None = None
+        self.owned: list[Signer] = []
+
+    def take(self) -> list[Signer]:
+        """Lock every free lane not held yet; returns all lanes this run holds now. If the locks'
+        connection was lost (a PostgreSQL restart), so were the locks: nothing is held until they are
+        taken again on a new connection."""
+        try:
+            if self.conn is None:
+                self.conn = self.engine.connect()
+                self.conn.commit()
+            self.conn.execute(text("SELECT 1"))  # a dead connection means the locks are gone with it
+            held = {s.address for s in self.owned}
+            for s in self.signers:
+                if s.address not in held and _try_lock(self.conn, lane_lock_key(self.chain_id, s.address)):
+                    self.owned.append(s)
+            self.conn.commit()
+        except DBAPIError as exc:
+            run_logger().warning("lost the signer lanes' database connection (%s); taking them again next tick",
+                                 str(exc).splitlines()[0][:200])
+            conn, self.conn, self.owned = self.conn, None, []
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        return list(self.owned)
+
+    def release(self) -> None:
+        if self.conn is None:
+            return
+        try:
+            for s in self.owned:
+                self.conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"),
+                                  {"k": lane_lock_key(self.chain_id, s.address)})
+            self.conn.commit()
+        finally:
+            self.conn.close()
+            self.conn, self.owned = None, []
 
 
 def _try_lock(conn: Connection, key: str) -> bool:

@@ -295,3 +295,25 @@ def test_signer_health_reads_balances_and_nonces(pipeline: Pipeline, chain: Depl
     assert first.balance_wei == w3.eth.get_balance(w3.to_checksum_address(first.address)) > 0
     assert (first.mined_nonce, first.pending_nonce, first.local_nonce, first.drift) == (2, 2, 2, 0)
     assert (second.mined_nonce, second.local_nonce, second.drift) == (0, None, 0)
+
+
+def test_a_standby_run_takes_over_the_lanes_and_a_lost_connection_drops_them(pipeline: Pipeline) -> None:
+    from tasks.common import Lanes
+
+    first = Lanes(pipeline.engine, pipeline.chain_id, pipeline.signers)
+    standby = Lanes(pipeline.engine, pipeline.chain_id, pipeline.signers)
+    try:
+        assert len(first.take()) == len(pipeline.signers)
+        assert standby.take() == []  # every lane held: it stands by
+        first.release()  # the first run ends (or dies: its connection closes)
+        assert len(standby.take()) == len(pipeline.signers)  # taken over at its next tick
+        assert standby.conn is not None
+        pid = standby.conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        standby.conn.commit()
+        with pipeline.engine.connect() as admin:  # as a PostgreSQL restart would: the locks go with it
+            admin.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        assert standby.take() == []  # it knows it lost them, and does not crash
+        assert len(standby.take()) == len(pipeline.signers)  # and takes them again on a new connection
+    finally:
+        first.release()
+        standby.release()
