@@ -14,7 +14,7 @@ from flows.runs import finish_run, has_work
 from flows.ticks import add_counts, counts, tick_loop
 from payments.config import load_minter
 from payments.settings import PipelineSettings
-from tasks.common import Pipeline, new_owner_id, run_logger, signer_lanes
+from tasks.common import Lanes, Pipeline, new_owner_id, run_logger
 from tasks.mint import MintReport, mint_tick, mint_tick_task
 
 
@@ -30,18 +30,22 @@ def mint_tokens(
     window = settings.confirm_run_seconds if run_seconds is None else run_seconds
     owner = new_owner_id(f"mint-{flow_run.get_id() or 'local'}")
     total = MintReport()
-    with signer_lanes(p.engine, p.chain_id, [minter]) as lanes:
-        if not lanes:
-            run_logger().info("The minter lane is held by another mint run; nothing to do")
-            return counts(total)
+    lanes = Lanes(p.engine, p.chain_id, [minter])
+    try:
+        if not lanes.take():
+            run_logger().info("The minter lane is held by another mint run; standing by to take it over")
 
         def tick(settings: PipelineSettings) -> bool:
+            if not lanes.take():  # a standby run takes the lane over once the other run ends or dies
+                return False
             report = (mint_tick_task(p, minter, owner, settings) if has_work(p.engine, "mint")
                       else mint_tick(p, minter, owner, settings))  # idle: the minter is tended, no task run
             add_counts(total, report)
             return report.claimed >= settings.mint_batch_size
 
         tick_loop(p.settings, window, lambda s: s.confirmation_interval_ms, tick, max_ticks)
+    finally:
+        lanes.release()
     if total.minted:
         run_logger().info("✅ %d mints confirmed", total.minted)
     finish_run("mint", counts(total), started)

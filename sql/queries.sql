@@ -404,12 +404,6 @@ SELECT :flow, v.payment_id, v.action, v.outcome, v.detail, :dry_run, :actor
 FROM unnest(CAST(:payment_ids AS text[]), CAST(:actions AS text[]), CAST(:outcomes AS text[]),
             CAST(:details AS text[])) AS v(payment_id, action, outcome, detail)
 
--- stored_transactions_by_nonce --
-SELECT nonce, array_agg(tx_hash ORDER BY id) AS hashes
-FROM payment_transactions
-WHERE chain_id = :chain_id AND signer = :signer AND nonce >= :low AND nonce < :high
-GROUP BY nonce
-
 -- signer_counter --
 SELECT next_nonce FROM signer_nonces WHERE chain_id = :chain_id AND signer = :signer
 

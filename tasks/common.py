@@ -7,8 +7,6 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,36 +67,9 @@ class Pipeline:
         with self.engine.connect() as conn:
             return read_settings(conn)
 
-    def signer(self, address: str) -> Signer:
-        for s in self.signers:
-            if s.address == address.lower():
-                return s
-        raise KeyError(f"signer {address} is not configured in this process")
-
-    def signer_or_none(self, address: str) -> Signer | None:
-        return next((s for s in self.signers if s.address == address.lower()), None)
-
 
 def lane_lock_key(chain_id: int, signer: str) -> str:
     return f"payments-send-lane:{chain_id}:{signer.lower()}"
-
-
-@contextmanager
-def signer_lanes(engine: Engine, chain_id: int, signers: list[Signer]) -> Iterator[list[Signer]]:
-    """Take the session advisory lock of every signer lane that no other send run holds, and yield those
-    signers. The locks live on one dedicated connection with no transaction open, so they are released
-    when the run ends or its process dies (the connection closes)."""
-    with engine.connect() as conn:
-        conn.commit()
-        owned = [s for s in signers if _try_lock(conn, lane_lock_key(chain_id, s.address))]
-        conn.commit()
-        try:
-            yield owned
-        finally:
-            for s in owned:
-                conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"),
-                             {"k": lane_lock_key(chain_id, s.address)})
-            conn.commit()
 
 
 class Lanes:

@@ -14,7 +14,7 @@ from payments.chain import Fees, connect, sign_tx
 from payments.errors import RpcError
 from payments.localstack import Deployment, free_port, send_and_wait
 from payments.settings import PipelineSettings
-from tasks.common import Pipeline, new_owner_id, signer_lanes
+from tasks.common import Pipeline, new_owner_id
 from tasks.confirm import confirm_tick
 from tasks.send import send_lane_tick
 from tests.conftest import rpc
@@ -260,16 +260,6 @@ def test_rpc_outage_gives_claims_back_untouched(embedded_engine: Engine, chain: 
         errors = [r[0] for r in conn.execute(text("SELECT error FROM payment_queue"))]
     assert all("RPC batch" in e for e in errors)
     assert _send(healthy).sent == 3  # the same payments go through once the node is back
-
-
-def test_a_signer_lane_is_owned_by_one_run_at_a_time(pipeline: Pipeline) -> None:
-    with (
-        signer_lanes(pipeline.engine, pipeline.chain_id, pipeline.signers) as first,
-        signer_lanes(pipeline.engine, pipeline.chain_id, pipeline.signers) as second,
-    ):
-        assert len(first) == 2 and second == []
-    with signer_lanes(pipeline.engine, pipeline.chain_id, pipeline.signers) as again:
-        assert len(again) == 2
 
 
 def test_two_lanes_settle_in_parallel_without_sharing_nonces(pipeline: Pipeline, chain: Deployment) -> None:
