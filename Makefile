@@ -7,7 +7,7 @@ STAMP_NPM := node_modules/.installed
 PAYMENTS ?= 50
 SEED ?=
 
-.PHONY: setup demo drill test lint migrate contracts check-contracts up clean
+.PHONY: setup demo drill test lint migrate contracts check-contracts up ops-check screenshots clean
 
 setup: $(STAMP_PY) $(STAMP_NPM)
 
@@ -28,10 +28,19 @@ demo: setup
 # a front-run, a fee spike, overlapping runs and a removed signer; checked from the chain (SEED=N to repeat,
 # REDUCED=1 for the test suite's short version).
 drill: setup
-	$(BIN)/python -m payments.drill $(if $(SEED),--seed $(SEED)) $(if $(REDUCED),--reduced)
+	$(BIN)/python -m payments.drill $(if $(SEED),--seed $(SEED)) $(if $(REDUCED),--reduced) \
+		$(if $(SECOND_CHANCE),--second-chance)
+
+# Operator promises on a fresh local stack: alert latency, recovery start under load, idle noise.
+ops-check: setup
+	$(BIN)/python scripts/ops_check.py
+
+# docs/screenshots/*.png from a fresh local stack (needs Debian's chromium).
+screenshots: setup
+	$(BIN)/python scripts/screenshots.py
 
 up: setup
-	$(BIN)/python -m payments.up
+	$(BIN)/python -m payments.up $(if $(RESET),--reset)
 
 test: setup
 	$(BIN)/pytest

@@ -10,12 +10,18 @@ sends a heartbeat every HEARTBEAT_SECONDS; when a run tagged `payments` has sent
 MISSED_HEARTBEATS_AFTER and has not finished, the `payments-crashed-runs` automation marks it Crashed.
 (The pipeline does not need this to go on: nothing waits for a run to end. It keeps the UI true.)
 
-`python -m deployments.automations` (run by deployments.serve at start) creates or updates them,
+Runs that end early: a pipeline or monitor run (tag `pipeline` or `monitor`) that crashes (its process
+killed, or marked Crashed above) or fails is followed RERUN_AFTER later by a new run of its deployment
+(`payments-rerun-ended-runs`), so the stage is not left without a run until its next schedule slot
+(one window, 5 minutes by default). A run that fails again at once is retried at that pace, visibly.
+
+`python -m deployments.automations` (run by deployments.deploy) creates or updates them,
 idempotently."""
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from datetime import timedelta
 from typing import Any, cast
@@ -25,15 +31,19 @@ from prefect.automations import Automation
 from prefect.blocks.abstract import NotificationBlock
 from prefect.blocks.notifications import CustomWebhookNotificationBlock, SlackWebhook
 from prefect.client.schemas.objects import StateType
-from prefect.events.actions import ChangeFlowRunState, SendNotification
+from prefect.events.actions import ChangeFlowRunState, RunDeployment, SendNotification
 from prefect.events.schemas.automations import EventTrigger, Posture
 from pydantic import SecretStr
 
-HEARTBEAT_SECONDS = 30  # served runs (deployments.serve) and work-pool runs (prefect.yaml); Prefect's minimum
+HEARTBEAT_SECONDS = 30  # work-pool runs (prefect.yaml job variables); Prefect's minimum
 MISSED_HEARTBEATS_AFTER = timedelta(seconds=3 * HEARTBEAT_SECONDS)
 CRASH_AUTOMATION_NAME = "payments-crashed-runs"
 RUN_ENDED_EVENTS = {"prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
                     "prefect.flow-run.Crashed"}
+
+RERUN_AUTOMATION_NAME = "payments-rerun-ended-runs"
+RERUN_AFTER = timedelta(seconds=3)
+RERUN_TAGS = ("pipeline", "monitor")
 
 AUTOMATION_NAME = "payments-alerts"
 BLOCK_NAME = "payments-alerts"
@@ -63,11 +73,21 @@ def notification_block_from_env() -> NotificationBlock | None:
     return None
 
 
+def _canonical(value: Any) -> Any:
+    """JSON with every list sorted: a trigger's `expect`/`after` are sets, and the same set can dump its
+    members in another order (insertion history), which must not count as a difference."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return sorted((_canonical(v) for v in value), key=lambda v: json.dumps(v, sort_keys=True))
+    return value
+
+
 def _same(a: Any, b: Any) -> bool:
     def shape(x: Any) -> Any:
-        return {"description": x.description, "enabled": x.enabled,
-                "trigger": x.trigger.model_dump(mode="json", exclude={"id"}),
-                "actions": [action.model_dump(mode="json") for action in x.actions]}
+        return _canonical({"description": x.description, "enabled": x.enabled,
+                           "trigger": x.trigger.model_dump(mode="json", exclude={"id"}),
+                           "actions": [action.model_dump(mode="json") for action in x.actions]})
     return bool(shape(a) == shape(b))
 
 
@@ -116,9 +136,29 @@ def ensure_crash_detection(after: timedelta = MISSED_HEARTBEATS_AFTER) -> Any:
     ))
 
 
+def ensure_rerun_of_ended_runs(after: timedelta = RERUN_AFTER) -> Any:
+    """(Re)create the automation that starts a new run of a pipeline or monitor deployment when one of its
+    runs crashes or fails."""
+    return _replace(Automation(
+        name=RERUN_AUTOMATION_NAME,
+        description="A pipeline or monitor run that crashed or failed is followed by a new run of its "
+                    f"deployment {after.total_seconds():.0f} s later, not at the next schedule slot",
+        trigger=EventTrigger(
+            expect={"prefect.flow-run.Crashed", "prefect.flow-run.Failed"},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "tag",
+                           "prefect.resource.id": [f"prefect.tag.{t}" for t in RERUN_TAGS]},
+            posture=Posture.Reactive, threshold=1, within=timedelta(0)),
+        actions=[RunDeployment(source="inferred", deployment_id=None, parameters=None, job_variables=None,
+                                schedule_after=after)],
+    ))
+
+
 def main() -> None:
     crash = ensure_crash_detection()
     print(f"automation {crash.name} ({crash.id}) marks payments runs Crashed when their heartbeats stop")
+    rerun = ensure_rerun_of_ended_runs()
+    print(f"automation {rerun.name} ({rerun.id}) starts a new run when a pipeline or monitor run ends early")
     block = notification_block_from_env()
     if block is None:
         print("no ALERT_WEBHOOK_URL / ALERT_SLACK_WEBHOOK_URL: alerts are emitted as events only")

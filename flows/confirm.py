@@ -13,14 +13,14 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.runs import finish_run, has_work
-from flows.ticks import add_counts, counts, tick_loop
+from flows.runs import finish_run, has_work, running_name
+from flows.ticks import add_counts, counts, run_window, tick_loop
 from payments.settings import PipelineSettings
 from tasks.common import Pipeline
 from tasks.confirm import ConfirmReport, confirm_tick, confirm_tick_task
 
 
-@flow(name="confirm-payments")
+@flow(name="confirm-payments", flow_run_name=running_name("confirm-payments"))
 def confirm_payments(
     run_seconds: Annotated[int | None, Field(ge=0, le=3600)] = None,
     max_ticks: Annotated[int | None, Field(ge=1, le=100_000)] = None,
@@ -30,7 +30,7 @@ def confirm_payments(
     started = time.monotonic()
     p = Pipeline.from_env()
     settings = p.settings()
-    window = settings.confirm_run_seconds if run_seconds is None else run_seconds
+    window = run_window(settings.confirm_run_seconds) if run_seconds is None else run_seconds
     actor = f"confirm-{flow_run.get_id() or 'local'}"
     total = ConfirmReport()
 

@@ -10,15 +10,15 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.runs import finish_run, has_work
-from flows.ticks import add_counts, counts, tick_loop
+from flows.runs import finish_run, has_work, running_name
+from flows.ticks import add_counts, counts, run_window, tick_loop
 from payments.config import load_minter
 from payments.settings import PipelineSettings
 from tasks.common import Lanes, Pipeline, new_owner_id, run_logger
 from tasks.mint import MintReport, mint_tick, mint_tick_task
 
 
-@flow(name="mint-tokens")
+@flow(name="mint-tokens", flow_run_name=running_name("mint-tokens"))
 def mint_tokens(
     run_seconds: Annotated[int | None, Field(ge=0, le=3600)] = None,
     max_ticks: Annotated[int | None, Field(ge=1, le=100_000)] = None,
@@ -27,7 +27,7 @@ def mint_tokens(
     p = Pipeline.from_env()
     minter = load_minter()
     settings = p.settings()
-    window = settings.confirm_run_seconds if run_seconds is None else run_seconds
+    window = run_window(settings.confirm_run_seconds) if run_seconds is None else run_seconds
     owner = new_owner_id(f"mint-{flow_run.get_id() or 'local'}")
     total = MintReport()
     lanes = Lanes(p.engine, p.chain_id, [minter])

@@ -3,22 +3,31 @@ thresholds in system_settings; published on the run page in the Prefect UI (a ta
 summary with a chart of the recent window) and delivered as Prefect events
 `payments.alert.opened|reminder|resolved`, which the `payments-alerts` automation turns into
 notifications (deployments/automations.py). An alert notifies when it opens, at the reminder interval
-while it stays open, and when it resolves - not on every run."""
+while it stays open, and when it resolves - not on every pass.
+
+One scheduled run evaluates every `monitor_interval_seconds` for its window (the schedule's interval),
+like the pipeline's loops: alerts are noticed within one interval, and an idle system makes one monitor
+run per window instead of one per evaluation."""
 
 from __future__ import annotations
 
 import base64
 import io
 import os
+import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 from prefect.runtime import flow_run
+from pydantic import Field
 from sqlalchemy import Engine, text
 
+from flows.runs import finish_run, running_name
+from flows.ticks import run_window, tick_loop
+from payments.settings import PipelineSettings, read_values
 from tasks.common import Pipeline, run_logger
 from tasks.monitor import (
     Alert,
@@ -159,9 +168,8 @@ def emit_alert_events(engine: Engine, due: list[tuple[str, Alert]], opened: dict
         )
 
 
-@flow(name="monitor-payments")
-def monitor_payments() -> dict[str, Any]:
-    p = Pipeline.from_env()
+def monitor_pass(p: Pipeline) -> dict[str, Any]:
+    """One evaluation: metrics, a sample, alerts (notified as events), the dashboard artifacts."""
     with p.engine.connect() as conn:
         thresholds = read_thresholds(conn)
         metrics = compute_metrics(conn, thresholds)
@@ -184,3 +192,36 @@ def monitor_payments() -> dict[str, Any]:
     )
     return {"metrics": metrics.as_row(), "alerts": [a.key for a in alerts],
             "notifications": [f"{kind}:{a.key}" for kind, a in due]}
+
+
+def monitor_interval_ms(p: Pipeline) -> int:
+    with p.engine.connect() as conn:
+        return int(read_values(conn, "monitor")["monitor_interval_seconds"]) * 1000
+
+
+@flow(name="monitor-payments", flow_run_name=running_name("monitor-payments"))
+def monitor_payments(
+    run_seconds: Annotated[int | None, Field(ge=0, le=3600, description=(
+        "how long this run keeps evaluating (default: its schedule's interval; 0 = one pass)"))] = None,
+    max_passes: Annotated[int | None, Field(ge=1, le=100_000, description="stop after this many passes")] = None,
+) -> dict[str, Any]:
+    """Evaluate the queue every monitor_interval_seconds for the run's window: an alert is noticed within
+    one interval of its threshold being crossed, not at the next run's process start."""
+    started = time.monotonic()
+    p = Pipeline.from_env()
+    window = run_window(p.settings().confirm_run_seconds) if run_seconds is None else run_seconds
+    last: dict[str, Any] = {}
+    notifications: list[str] = []
+    alerts_seen: set[str] = set()
+
+    def tick(_settings: PipelineSettings) -> bool:
+        result = monitor_pass(p)
+        last.update(result)
+        notifications.extend(result["notifications"])
+        alerts_seen.update(result["alerts"])
+        return False
+
+    passes = tick_loop(p.settings, window, lambda _s: monitor_interval_ms(p), tick, max_passes)
+    finish_run("monitor", {"passes": passes, "notifications": len(notifications),
+                           "alerts open": len(last.get("alerts", []))}, started)
+    return {**last, "notifications": notifications, "alerts_seen": sorted(alerts_seen)}

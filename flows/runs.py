@@ -4,6 +4,7 @@ create no task runs), and at the end one INFO line and a run name that say what 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from uuid import UUID
 
 from sqlalchemy import Engine, text
@@ -19,6 +20,20 @@ _WORK = {
     "webhooks": "SELECT EXISTS (SELECT 1 FROM webhook_deliveries WHERE status = 'pending' "
                 "AND next_attempt_at <= now())",
 }
+
+
+def running_name(stage: str) -> Callable[[], str]:
+    """A run's name while it runs (finish_run renames it to what it did): the stage, and for recovery
+    flows whether it is a dry run."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        params = flow_run.get_parameters() or {}
+        mode = "" if "dry_run" not in params else " (dry run)" if params["dry_run"] else " (apply)"
+        return f"{stage}{mode} from {time.strftime('%H:%M:%S')}: running"
+
+    return name
 
 
 def has_work(engine: Engine, stage: str, chain_id: int = 0) -> bool:

@@ -14,8 +14,8 @@ from prefect import flow, unmapped
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.runs import finish_run, has_work
-from flows.ticks import add_counts, counts, tick_loop
+from flows.runs import finish_run, has_work, running_name
+from flows.ticks import add_counts, counts, run_window, tick_loop
 from payments.db import fetch_all, transaction
 from payments.settings import PipelineSettings
 from tasks.common import Lanes, Pipeline, chunked, new_owner_id, run_logger
@@ -53,7 +53,7 @@ def send_tick(p: Pipeline, lanes: list[Any], owner: str, settings: PipelineSetti
     return report
 
 
-@flow(name="send-payments")
+@flow(name="send-payments", flow_run_name=running_name("send-payments"))
 def send_payments(
     run_seconds: Annotated[int | None, Field(ge=0, le=3600)] = None,
     max_ticks: Annotated[int | None, Field(ge=1, le=100_000)] = None,
@@ -63,7 +63,7 @@ def send_payments(
     started = time.monotonic()
     p = Pipeline.from_env()
     settings = p.settings()
-    window = settings.send_run_seconds if run_seconds is None else run_seconds
+    window = run_window(settings.send_run_seconds) if run_seconds is None else run_seconds
     owner = new_owner_id(f"send-{flow_run.get_id() or 'local'}")
     total = SendReport()
     log = run_logger()

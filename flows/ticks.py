@@ -5,17 +5,25 @@ A run that starts late (the runner was busy, or the serve process was down and r
 idly past the time an on-time run would have ended (when it was due + the window): past that, it ends at
 its first tick that does not fill a batch. It still drains a backlog with full ticks back to back, for at
 most one window from its own start. Late runs therefore never pile up: a queue of them, after an outage,
-ends at one tick each once the work is done."""
+ends at one tick each once the work is done.
+
+A tick that fails on an error that goes away by itself (PostgreSQL restarting, the RPC endpoint or the
+Prefect API unreachable) is logged and the loop goes on at its interval: a run lives through an outage
+instead of leaving its stage without a run until the next schedule slot. Other errors end the run
+(Failed); the payments-rerun-ended-runs automation starts a new one a few seconds later."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
+from deployments.startup import is_transient
 from payments.settings import PipelineSettings
+from tasks.common import run_logger
 
 
 def seconds_late() -> float:
@@ -27,6 +35,28 @@ def seconds_late() -> float:
     except Exception:  # no API to ask: run the whole window
         return 0.0
     return max(0.0, (datetime.now(UTC) - due).total_seconds())
+
+
+def run_window(setting_seconds: int) -> int:
+    """How long this run ticks: the setting, but never less than its deployment's schedule interval (so
+    a window shortened without a new deploy cannot leave gaps between runs)."""
+    from prefect.runtime import deployment
+
+    try:
+        deployment_id = deployment.get_id()
+        if not deployment_id:
+            return setting_seconds
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.schedules import IntervalSchedule
+
+        with get_client(sync_client=True) as client:
+            schedules = client.read_deployment(deployment_id).schedules
+        intervals = [int(s.schedule.interval.total_seconds()) for s in schedules
+                     if isinstance(s.schedule, IntervalSchedule) and s.active]
+        return max([setting_seconds, *intervals])
+    except Exception as exc:  # the API is away: the setting is what we have
+        logging.getLogger("flows.ticks").debug("schedule interval unknown: %s", exc)
+        return setting_seconds
 
 
 def tick_loop(read_settings: Callable[[], PipelineSettings], window: int,
@@ -42,16 +72,25 @@ def tick_loop(read_settings: Callable[[], PipelineSettings], window: int,
     drain_until = time.monotonic() + window
     idle_until = drain_until - (late_by or 0.0)
     ticks = 0
+    settings: PipelineSettings | None = None
     while True:
         started = time.monotonic()
-        settings = read_settings()
-        full = tick(settings)
+        try:
+            settings = read_settings()
+            full = tick(settings)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            full = False
+            reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+            run_logger().warning("tick failed on a passing error (%s); next tick at the usual interval", reason)
         ticks += 1
         if max_ticks is not None and ticks >= max_ticks:
             return ticks
         if full and (window == 0 or time.monotonic() < drain_until):
             continue
-        pause = max(0.0, interval_ms(settings) / 1000 - (time.monotonic() - started))
+        every = interval_ms(settings) / 1000 if settings is not None else 2.0
+        pause = max(0.0, every - (time.monotonic() - started))
         if time.monotonic() + pause >= idle_until:
             return ticks
         time.sleep(pause)

@@ -10,8 +10,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from flows.runs import finish_run, has_work
-from flows.ticks import add_counts, counts, tick_loop
+from flows.runs import finish_run, has_work, running_name
+from flows.ticks import add_counts, counts, run_window, tick_loop
 from payments.config import require_env
 from payments.db import engine_for
 from payments.settings import PipelineSettings, read_settings
@@ -25,14 +25,14 @@ def deliver_batch(database_url: str) -> WebhookReport:
     return deliver_due_webhooks(engine_for(database_url), limit=WEBHOOK_BATCH)
 
 
-@flow(name="deliver-webhooks")
+@flow(name="deliver-webhooks", flow_run_name=running_name("deliver-webhooks"))
 def deliver_webhooks(run_seconds: Annotated[int | None, Field(ge=0, le=3600)] = None) -> dict[str, int]:
     started = time.monotonic()
     database_url = require_env("DATABASE_URL")
     engine = engine_for(database_url)
     with engine.connect() as conn:
         settings = read_settings(conn)
-    window = settings.confirm_run_seconds if run_seconds is None else run_seconds
+    window = run_window(settings.confirm_run_seconds) if run_seconds is None else run_seconds
     total = WebhookReport()
 
     def reread() -> PipelineSettings:

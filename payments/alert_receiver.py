@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,6 +21,7 @@ class AlertReceiver:
     log_path: Path | None
     echo: bool
     received: list[dict[str, Any]] = field(default_factory=list)
+    arrived: list[float] = field(default_factory=list)  # time.time() of each entry of `received`
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -30,6 +32,7 @@ class AlertReceiver:
     def record(self, body: dict[str, Any]) -> None:
         with self._lock:
             self.received.append(body)
+            self.arrived.append(time.time())
             if self.log_path is not None:
                 with self.log_path.open("a") as f:
                     f.write(json.dumps(body) + "\n")

@@ -1,7 +1,8 @@
 """`make demo`: the whole pipeline on the local stack, end to end, through the HTTP API.
 
 Starts the local stack (payments/stack.py: embedded PostgreSQL, anvil with 1 s blocks, a Prefect server
-on PostgreSQL, the served deployments, the API), has PAYMENTS buyers pay with the official x402 client,
+on PostgreSQL, the deployments on a work pool with a worker, the API), has PAYMENTS buyers pay with
+the official x402 client,
 shows progress until every payment is terminal and every mint is minted, checks the chain against the
 queue, stops what it started and prints a summary followed by one line of JSON. It exits non-zero if
 any payment did not complete."""
@@ -20,7 +21,7 @@ from sqlalchemy import Engine, text
 from tqdm import tqdm
 
 from api.buyer import paying_session, submit
-from payments.stack import MINT_AMOUNT, PRICE, PRODUCT_ID, Stack, local_stack, trigger_deployments
+from payments.stack import MINT_AMOUNT, PRICE, PRODUCT_ID, Stack, local_stack
 from payments.statuses import TERMINAL_STATUSES
 
 
@@ -53,18 +54,18 @@ def _buy_all(stack: Stack, payments: int) -> float:
     return time.monotonic() - started
 
 
-def _wait(engine: Engine, payments: int, deadline: float, serve_alive: Any) -> None:
+def _wait(engine: Engine, payments: int, deadline: float, worker_alive: Any) -> None:
     with tqdm(total=payments, unit="payment", desc="terminal", file=sys.stderr, mininterval=0.5) as bar:
         while True:
             counts = _counts(engine, "payment_queue")
             done = sum(n for s, n in counts.items() if s in TERMINAL_STATUSES)
             bar.update(done - bar.n)
             bar.set_postfix({k: counts[k] for k in sorted(counts)})
-            if done >= payments or time.monotonic() > deadline or not serve_alive():
+            if done >= payments or time.monotonic() > deadline or not worker_alive():
                 break
             time.sleep(0.25)
     completed = counts.get("completed", 0)
-    while time.monotonic() < deadline and serve_alive():  # then the mints of the completed payments
+    while time.monotonic() < deadline and worker_alive():  # then the mints of the completed payments
         mints = _counts(engine, "mint_queue")
         if mints.get("minted", 0) + mints.get("failed", 0) >= completed:
             break
@@ -73,11 +74,10 @@ def _wait(engine: Engine, payments: int, deadline: float, serve_alive: Any) -> N
 
 def run(payments: int, timeout: float) -> int:
     with local_stack(database="payments_demo", buyers=min(payments, 20)) as stack:
-        trigger_deployments(stack, ["send-payments/send", "confirm-payments/confirm", "mint-tokens/mint"])
         triggered = time.time()
         buying = _buy_all(stack, payments)
         print(f"• {payments} x402 payments accepted by the API in {buying:.1f} s (official x402 client)")
-        _wait(stack.engine, payments, time.monotonic() + timeout, stack.serve.alive)
+        _wait(stack.engine, payments, time.monotonic() + timeout, stack.worker.alive)
         counts = _counts(stack.engine, "payment_queue")
         mints = _counts(stack.engine, "mint_queue")
         timing = _timings(stack.engine)
@@ -103,7 +103,7 @@ def run(payments: int, timeout: float) -> int:
     print()
     if first is not None:
         print(f"The first send run claimed {first.timestamp() - triggered:.1f} s after the payments started "
-              "arriving (served runs were triggered just before; each is a fresh process).")
+              "arriving (the worker started one run of each stage as it started; each run is a fresh process).")
     print(f"Completed {completed}/{payments} payments "
           f"(failed {summary['failed']}, confirmation_failed {summary['confirmation_failed']}).")
     print(f"All sent {summary['seconds_to_all_sent']} s after the first claim "

@@ -3,19 +3,19 @@
     python -m payments.drill --seed N [--payments 300] [--reduced]
 
 Starts the local stack (payments/stack.py: embedded PostgreSQL, anvil with 1 s blocks, the Prefect
-server, every served deployment, the API) with the flows and the API reaching anvil through a TCP proxy
-this module controls. Buyers pay through the API with the official x402 client, spread over a few
-minutes, while faults are injected at moments drawn from the seed:
+server, the deployments on the work pool and its worker, the API) with the flows and the API reaching
+anvil through a TCP proxy this module controls. Buyers pay through the API with the official x402
+client, spread over a few minutes, while faults are injected at moments drawn from the seed:
 
-- kill -9 of served flow-run processes (children of the serve process);
+- kill -9 of flow-run processes (children of the work pool's worker);
 - an RPC outage: the proxy stops listening and cuts every open connection;
 - a PostgreSQL restart (pg_ctl stop, then start on the same data directory);
 - settlement transactions dropped from anvil's pool (`anvil_dropTransaction`);
 - a depth-2 reorg (`anvil_reorg [2, []]`: the two newest blocks are replaced by empty ones);
 - a front-run: a pending settlement's call data sent first by another funded account, at higher fees;
 - a base-fee spike above the fees of recent transactions for a few blocks, then back;
-- confirm and recovery work run in this process, in threads, while the served runs run too;
-- a signer removed from the serve process's configuration (restart without its key), put back later.
+- confirm and recovery work run in this process, in threads, while the worker's runs run too;
+- a signer removed from the worker's configuration (restart without its key), put back later.
 
 Then it drains (every payment terminal, every mint of a completed payment done) and checks from the
 chain's logs, not from the project's tables, that money and mints moved exactly as the queue says, that
@@ -57,7 +57,7 @@ from payments.config import signer_from_key
 from payments.db import make_engine
 from payments.localstack import DATA_DIR, dev_account, free_port, start_embedded_postgres
 from payments.settings import read_settings
-from payments.stack import PRODUCT_ID, Stack, local_stack, stop_process, trigger_deployments
+from payments.stack import PRODUCT_ID, Stack, local_stack, stop_process
 from payments.statuses import TERMINAL_STATUSES
 from payments.txm import decode_call
 from tasks.common import Pipeline
@@ -207,15 +207,15 @@ class Planned:
 
 
 STOPS_PIPELINE = frozenset({"kill_flow_run", "signer_removed", "signer_restored", "pg_restart", "rpc_outage"})
-RESTART_SPACING = 30.0  # seconds between faults that take the serve process down (its recovery time)
+RESTART_SPACING = 30.0  # seconds between faults that take the worker down (its recovery time)
 
 
 def make_plan(rng: random.Random, prof: Profile) -> list[Planned]:
     """Fault moments from the seed. Windowed faults (RPC outage, PostgreSQL restart, base-fee spikes) are
-    laid out in a shuffled order with random gaps, never overlapping. The faults that take the serve
+    laid out in a shuffled order with random gaps, never overlapping. The faults that take the worker
     process down - the PostgreSQL restart (its runner gives up while the Prefect API answers 5xx) and the
     two restarts of the signer removal - are RESTART_SPACING apart, so each recovery is seen on its own;
-    the serve restarts also fall outside the other windows."""
+    the worker restarts also fall outside the other windows."""
     lo, hi, margin = prof.fault_start, prof.fault_end, 5.0
     for _ in range(1000):
         windowed = [("rpc_outage", prof.outage, prof.outage), ("pg_restart", 12.0, 0.0)]
@@ -245,7 +245,7 @@ def make_plan(rng: random.Random, prof: Profile) -> list[Planned]:
             continue
         break
     else:
-        raise ValueError("no fault plan keeps the serve restarts apart in this window")
+        raise ValueError("no fault plan keeps the worker restarts apart in this window")
     plan.append(Planned(off, "signer_removed", prof.signer_off))
     plan += [Planned(rng.uniform(lo, hi), "kill_flow_run") for _ in range(prof.kills)]
     outage = next(w for w, (kind, _, _) in zip(windows, windowed, strict=True) if kind == "rpc_outage")
@@ -320,16 +320,16 @@ class Journal:
         print(f"  ! {self.stamp(time.time())}  {message}", flush=True)
 
 
-# --------------------------------------------------------------------------- the serve process
+# --------------------------------------------------------------------------- the worker
 
 
-class ServeProcess:
-    """The served deployments, kept running by the stack's supervisor (payments.stack.Supervised). The
-    drill restarts them with another signer set as an operator would: a new environment, then SIGTERM;
-    the supervisor starts the new process."""
+class WorkerProcess:
+    """The work pool's worker, kept running by the stack's supervisor (payments.stack.Supervised). The
+    drill restarts it with another signer set as an operator would: a new environment, then SIGTERM;
+    the supervisor starts the new process (which starts a run of each scheduled deployment)."""
 
     def __init__(self, stack: Stack) -> None:
-        self.sup = stack.serve
+        self.sup = stack.worker
         self.all_keys = [k for k in self.sup.env.get("SIGNER_PRIVATE_KEYS", "").split(",") if k]
         self.keys = list(self.all_keys)
         self.deliberate = 0
@@ -337,7 +337,7 @@ class ServeProcess:
         self.lock = threading.Lock()
 
     def restart(self, keys: list[str]) -> None:
-        """Stop the serve process with `keys` configured for its successor; returns once it is started."""
+        """Stop the worker with `keys` configured for its successor; returns once it is started."""
         with self.lock:
             old = self.sup.process
             self.sup.env = {**self.sup.env, "SIGNER_PRIVATE_KEYS": ",".join(keys)}
@@ -350,7 +350,7 @@ class ServeProcess:
                 time.sleep(0.1)
 
     def exits(self) -> list[str]:
-        """What the supervisor logged about each exit of the serve process the drill did not cause."""
+        """What the supervisor logged about each exit of the worker the drill did not cause."""
         try:
             lines = self.sup.log_path.read_text(errors="replace").splitlines()
         except OSError:
@@ -359,8 +359,7 @@ class ServeProcess:
                 and not any(f"(pid {pid})" in line for pid in self.stopped_pids)]
 
     def flow_runs(self) -> dict[int, str]:
-        """Flow-run processes (`python -m prefect.engine` children of the serve process) and their flow
-        run ids."""
+        """Flow-run processes (`python -m prefect.engine` children of the worker) and their flow run ids."""
         import psutil
 
         try:
@@ -384,7 +383,7 @@ class Drill:
         self.stack, self.proxy, self.seed, self.prof, self.plan = stack, proxy, seed, prof, plan
         self.rng = random.Random(seed)
         self.j = Journal()
-        self.serve = ServeProcess(stack)
+        self.worker = WorkerProcess(stack)
         self.dep = stack.deployment
         self.w3 = connect(stack.rpc_url)  # the drill's own line to anvil: never through the proxy
         self.engine: Engine = make_engine(stack.database_url)
@@ -452,9 +451,9 @@ class Drill:
     def fault_kill(self, _: Planned) -> None:
         """kill -9 of one flow-run process, preferably a send, confirm or mint run."""
         started = time.time()
-        deadline = time.monotonic() + 90  # due every 25 s, but a serve restart can leave none for a minute
+        deadline = time.monotonic() + 90  # a run of each stage is always alive, or replaced within seconds
         while time.monotonic() < deadline:
-            runs = {pid: self.flow_name(fid) for pid, fid in self.serve.flow_runs().items() if pid not in self.killed}
+            runs = {pid: self.flow_name(fid) for pid, fid in self.worker.flow_runs().items() if pid not in self.killed}
             pipeline = sorted(pid for pid, name in runs.items()
                               if name.split(" ")[0] in ("send-payments", "confirm-payments", "mint-tokens"))
             if runs and (pipeline or time.monotonic() > deadline - 5):
@@ -620,26 +619,26 @@ class Drill:
                             f"{base / 1e9:.3f}; {pending} settlement(s) of ours were pending"))
 
     def fault_signer_removed(self, p: Planned) -> None:
-        removed = self.rng.randrange(len(self.serve.all_keys))
-        keep = [k for i, k in enumerate(self.serve.all_keys) if i != removed]
-        address = signer_from_key(self.serve.all_keys[removed]).address
+        removed = self.rng.randrange(len(self.worker.all_keys))
+        keep = [k for i, k in enumerate(self.worker.all_keys) if i != removed]
+        address = signer_from_key(self.worker.all_keys[removed]).address
         started = time.time()
-        self.serve.restart(keep)
+        self.worker.restart(keep)
         self.j.add(Injected("signer_removed", started, time.time(),
-                            f"serve restarted without signer {address} ({len(keep)} key(s) left)"))
+                            f"worker restarted without signer {address} ({len(keep)} key(s) left)"))
         time.sleep(p.arg)
         started = time.time()
-        self.serve.restart(list(self.serve.all_keys))
+        self.worker.restart(list(self.worker.all_keys))
         self.j.add(Injected("signer_restored", started, time.time(),
-                            f"serve restarted with signer {address} back ({p.arg:.0f} s without it)"))
+                            f"worker restarted with signer {address} back ({p.arg:.0f} s without it)"))
 
     def fault_overlap(self, p: Planned) -> None:
-        """Confirm ticks and the recovery repairs in this process, in threads, racing the served runs."""
+        """Confirm ticks and the recovery repairs in this process, in threads, racing the worker's runs."""
         from tasks.confirm import confirm_tick
         from tasks.recovery import Filters, recheck_confirmation_failed, record_actions, reset_stuck_payments
 
         started = time.time()
-        signers = [signer_from_key(k) for k in self.serve.keys]  # what the serve process holds right now
+        signers = [signer_from_key(k) for k in self.worker.keys]  # what the worker holds right now
         pipe = Pipeline(engine=self.engine, w3=connect(self.proxy.url), chain_id=self.dep.chain_id, signers=signers,
                         minter=signer_from_key(self.minter_key))
         until = time.monotonic() + p.arg
@@ -739,7 +738,6 @@ class Drill:
               f"faults planned:", flush=True)
         for p in self.plan:
             print(f"    t+{p.at:6.1f}s  {p.kind}{f' ({p.arg:.0f} s)' if p.arg else ''}")
-        trigger_deployments(self.stack, ["send-payments/send", "confirm-payments/confirm", "mint-tokens/mint"])
         self.j.t0 = time.time()
         print(f"\nPayments start at {datetime.fromtimestamp(self.j.t0):%H:%M:%S}.", flush=True)
         times = sorted(self.rng.uniform(0, prof.window) for _ in range(prof.payments))
@@ -827,7 +825,7 @@ class Drill:
         return int(token.functions.balanceOf(Web3.to_checksum_address(who)).call())
 
     def wallets(self) -> list[str]:
-        return [s.address for s in (signer_from_key(k) for k in self.serve.all_keys)] + \
+        return [s.address for s in (signer_from_key(k) for k in self.worker.all_keys)] + \
                [signer_from_key(self.minter_key).address]
 
     def logs(self, address: str, topics: list[Any]) -> list[dict[str, Any]]:
@@ -961,9 +959,9 @@ class Drill:
                          f"{drain:.1f} s after the last fault ended" if drain is not None
                          else "not drained by the deadline"))
 
-        exits = self.serve.exits()
-        out.append(Check("serve process exits the drill did not cause (the stack's supervisor restarts it)", True,
-                         info=True, figures=f"{len(exits)} ({self.serve.deliberate} restarts by the drill)"
+        exits = self.worker.exits()
+        out.append(Check("worker exits the drill did not cause (the stack's supervisor restarts it)", True,
+                         info=True, figures=f"{len(exits)} ({self.worker.deliberate} restarts by the drill)"
                          + "".join(f"; {e}" for e in exits[:4])))
 
         # the drill itself: every fault done as planned, the in-process runs raised only transient errors
@@ -988,7 +986,7 @@ class Drill:
         progress) the longest gap between consecutive progress while some payment was open. Both leave
         out time inside an RPC outage or a PostgreSQL restart, when nothing can progress. A fault's clock
         is taken over only by a later fault that stops the pipeline's processes (STOPS_PIPELINE: a kill,
-        a serve restart, PostgreSQL, the RPC outage) - never by one on the chain (a drop, a reorg, a
+        a worker restart, PostgreSQL, the RPC outage) - never by one on the chain (a drop, a reorg, a
         front-run, a fee spike) or by the drill's own runs, which the pipeline must ride through."""
         windows = [(i.started, i.ended) for i in self.j.injected if i.blocks_progress]
 
@@ -1166,6 +1164,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None, help="fault moments and choices (default: random, printed)")
     parser.add_argument("--payments", type=int, default=None, help="payments to push (default 300, reduced 60)")
     parser.add_argument("--reduced", action="store_true", help="~60 payments and a few of each fault (~3-4 min)")
+    parser.add_argument("--second-chance", action="store_true",
+                        help="(CI) when only timing checks failed, run once more with the next seed; a breach of "
+                             "any money, mint or nonce check fails at once")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 1_000_000)
     prof = REDUCED if args.reduced else FULL
@@ -1173,7 +1174,22 @@ def main() -> None:
         if args.payments < 1:
             parser.error("--payments must be at least 1")
         prof = dataclasses.replace(prof, payments=args.payments)
-    sys.exit(run(seed, prof))
+    code = run(seed, prof)
+    if code and args.second_chance:
+        failed = json.loads((DATA_DIR / f"drill-{seed}.json").read_text()).get("failed_checks", [])
+        if failed and all(is_timing_check(name) for name in failed):
+            print(f"\nOnly timing checks failed ({'; '.join(failed)}): once more with seed {seed + 1}", flush=True)
+            code = run(seed + 1, prof)
+    sys.exit(code)
+
+
+TIMING_CHECKS = ("longest stall of progress", "drain ends within")
+
+
+def is_timing_check(name: str) -> bool:
+    """Checks of how fast the pipeline recovered (stall, drain), which a busy shared machine can miss by
+    chance; every other check (money, mints, nonces, completion, expiry in the queue) is never retried."""
+    return name.startswith(TIMING_CHECKS)
 
 
 if __name__ == "__main__":

@@ -86,9 +86,14 @@ class Anvil:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
+        """SIGTERM first: with --state, anvil writes its state file as it exits."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.send_signal(signal.SIGKILL)
+                self.process.wait(timeout=10)
 
 
 def start_anvil(*, block_time: float | None = None, gas_limit: int | None = None, extra: list[str] | None = None,
@@ -103,7 +108,7 @@ def start_anvil(*, block_time: float | None = None, gas_limit: int | None = None
     if gas_limit is not None:
         args += ["--gas-limit", str(gas_limit)]
     if state_file is not None:
-        args += ["--state", str(state_file), "--state-interval", "1"]
+        args += ["--state", str(state_file), "--state-interval", "5"]
     args += extra or []
     log_dir = log_dir or DATA_DIR
     log_dir.mkdir(parents=True, exist_ok=True)

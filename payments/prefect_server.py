@@ -27,6 +27,15 @@ SERVER_TUNING = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
 }
+# Retention: the Prefect database stays bounded. Finished flow runs (with their task runs, logs and
+# artifacts) are deleted 3 days after they end, events after 1 day, checked hourly. The payments tables
+# keep the audit trail (payment_events, recovery_actions) for as long as the operator keeps them.
+RETENTION = {
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(3 * 86_400),
+    "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": "P1D",  # an ISO 8601 duration (plain seconds are refused)
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS": "3600",
+}
 
 
 def asyncpg_url(database_url: str) -> str:
@@ -67,6 +76,8 @@ def start_prefect_server(database_url: str, *, timeout: float = 90) -> PrefectSe
     port = free_port()
     env = dict(os.environ)
     env.update(SERVER_TUNING)
+    for key, value in RETENTION.items():  # an operator's own values win
+        env.setdefault(key, value)
     env["PREFECT_HOME"] = str(prefect_home())
     env["PREFECT_API_DATABASE_CONNECTION_URL"] = asyncpg_url(database_url)
     env.pop("PREFECT_API_URL", None)

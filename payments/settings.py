@@ -91,8 +91,10 @@ REGISTRY: dict[str, Setting] = {s.name: s for s in (
        "pipeline"),
     _s("fee_bump_percent", int, 10, 1_000, 20, "Replacement fee increase (both fees); at least 10", "pipeline"),
     _s("settlement_gas_limit", int, 21_000, 30_000_000, 150_000, "Gas limit of one settlement", "pipeline"),
-    _s("send_run_seconds", int, 0, 3_600, 25, "Length of one scheduled send run", "pipeline"),
-    _s("confirm_run_seconds", int, 0, 3_600, 25, "Length of one scheduled confirm run", "pipeline"),
+    _s("send_run_seconds", int, 0, 3_600, 300,
+       "Length of one send run, and the interval of its schedule (next deploy)", "pipeline"),
+    _s("confirm_run_seconds", int, 0, 3_600, 300,
+       "Length of one confirm, mint, webhooks or monitor run, and their schedule interval (next deploy)", "pipeline"),
     _s("mint_batch_size", int, 1, 100_000, 50, "Released mints sent per mint tick", "pipeline"),
     _s("mint_gas_limit", int, 21_000, 30_000_000, 200_000, "Cap on one mint transaction's gas", "pipeline"),
     _s("mint_confirmation_depth", int, 1, 1_000, 4,
@@ -104,7 +106,8 @@ REGISTRY: dict[str, Setting] = {s.name: s for s in (
     _s("finality_depth", int, 1, 10_000, 12,
        "Blocks after which an expired, unused authorization counts as final", "pipeline"),
     # monitor
-    _s("monitor_interval_seconds", int, 5, 86_400, 30, "How often the monitor flow runs", "monitor"),
+    _s("monitor_interval_seconds", int, 5, 86_400, 30,
+       "How often the monitor evaluates the thresholds (inside its run)", "monitor"),
     _s("monitor_window_minutes", int, 1, 10_080, 60, "Window for confirmation rate and processing time", "monitor"),
     _s("monitor_sample_retention_days", int, 1, 3_650, 7, "Monitor samples older than this are deleted", "monitor"),
     _s("alert_sent_age_seconds", float, 1, 604_800, 60, "Alert if a payment has been in sent longer than this",
@@ -168,8 +171,8 @@ class PipelineSettings:
     processing_lease_seconds: int = 60
     fee_bump_percent: int = 20
     settlement_gas_limit: int = 150_000
-    send_run_seconds: int = 25
-    confirm_run_seconds: int = 25
+    send_run_seconds: int = 300
+    confirm_run_seconds: int = 300
     mint_batch_size: int = 50
     mint_gas_limit: int = 200_000
     mint_confirmation_depth: int = 4

@@ -1,12 +1,15 @@
 """The whole local stack, started and stopped as one: embedded PostgreSQL, anvil, a Prefect server on
-PostgreSQL, the contracts and a demo mint product, the served deployments, the HTTP API and an alert
-receiver. `make demo` and `make up` use it. DATABASE_URL / RPC_URL / PREFECT_API_URL / signer and
+PostgreSQL, the contracts and a demo mint product, the deployments on the `payments` work pool with a
+supervised worker (deployments/deploy.py, deployments/worker.py: the production path), the HTTP API and an
+alert receiver. `make demo` and `make up` use it. DATABASE_URL / RPC_URL / PREFECT_API_URL / signer and
 minter keys in the environment switch those parts to real infrastructure."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +24,7 @@ import requests
 from sqlalchemy import Engine
 
 from payments.alert_receiver import AlertReceiver, start_alert_receiver
+from payments.config import REPO_ROOT
 from payments.db import make_engine, query, transaction
 from payments.localstack import (
     DATA_DIR,
@@ -50,10 +54,35 @@ class Stack:
     api_url: str
     api_key: str = field(repr=False)
     engine: Engine
-    serve: Supervised
+    worker: Supervised
     api: subprocess.Popen[bytes]
     receiver: AlertReceiver | None
     service_rpc_url: str = ""  # what the flows and the API use (rpc_url unless local_stack got service_rpc)
+
+
+def save_deployment(path: Path, dep: Deployment) -> None:
+    """The local chain's contracts and throwaway demo accounts, for the next `make up` (mode 600)."""
+    path.write_text(json.dumps({
+        "chain_id": dep.chain_id, "payment_token": dep.payment_token, "mint_token": dep.mint_token,
+        "merchant": dep.merchant, "buyers": ["0x" + bytes(b.key).hex() for b in dep.buyers]}, indent=1))
+    path.chmod(0o600)
+
+
+def load_deployment(path: Path, rpc_url: str) -> Deployment | None:
+    """The saved deployment, if its contracts are on the chain at rpc_url."""
+    from eth_account import Account
+
+    from payments.chain import connect
+    from payments.localstack import dev_account
+
+    saved = json.loads(path.read_text())
+    w3 = connect(rpc_url)
+    if w3.eth.chain_id != saved["chain_id"] or not w3.eth.get_code(w3.to_checksum_address(saved["payment_token"])):
+        return None
+    return Deployment(rpc_url=rpc_url, chain_id=saved["chain_id"], payment_token=saved["payment_token"],
+                      mint_token=saved["mint_token"], deployer=dev_account(0), merchant=saved["merchant"],
+                      signers=[dev_account(1), dev_account(2)], minter=dev_account(8),
+                      buyers=[Account.from_key(k) for k in saved["buyers"]])
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:
@@ -94,8 +123,8 @@ class Supervised:
     """A long-lived process kept running: whenever it exits or is killed it is started again, after a
     pause that doubles from `first_delay` up to `max_delay` (back to `first_delay` once a start has lived
     `healthy_after` seconds). Each start runs in its own process group; what a dead one left behind (the
-    flow runs of a killed serve process) is sent SIGTERM before the next start, so the new process's runs
-    are the only ones and the runner's limit holds. `stop()` ends it for good."""
+    flow runs of a killed worker) is sent SIGTERM before the next start, so the new process's runs are the
+    only ones and the worker's limit holds. `stop()` ends it for good."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path, *,
                  first_delay: float = 1.0, max_delay: float = 30.0, healthy_after: float = 60.0,
@@ -196,9 +225,12 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], log_path: Path, timeo
 @contextmanager
 def local_stack(*, database: str, buyers: int, block_time: float = 1, api_port: int | None = None,
                 say: bool = True, log_dir: Path = DATA_DIR,
-                service_rpc: Callable[[str], str] | None = None) -> Iterator[Stack]:
+                service_rpc: Callable[[str], str] | None = None, keep: bool = False) -> Iterator[Stack]:
     """service_rpc maps the chain's URL (used to deploy) to the URL the flows and the API are given,
-    e.g. a proxy in front of it."""
+    e.g. a proxy in front of it. keep: the chain (anvil --state in .data/chain/), its contracts and
+    buyers (.data/chain/stack.json) and the payments database are kept from the last start with keep, if
+    they are all there; otherwise (and without keep) they start fresh. The Prefect database is always kept
+    (its history, schedules and automations); `make up RESET=1` drops it too."""
 
     def note(message: str) -> None:
         if say:
@@ -210,20 +242,36 @@ def local_stack(*, database: str, buyers: int, block_time: float = 1, api_port: 
     with ExitStack() as stack:
         t0 = time.monotonic()
         database_url = os.environ.get("DATABASE_URL")
+        rpc_url = os.environ.get("RPC_URL")
+        chain_dir = DATA_DIR / "chain"
+        kept = keep and not database_url and not rpc_url and (chain_dir / "state.json").exists() \
+            and (chain_dir / "stack.json").exists()
+        if keep and not kept and chain_dir.exists():
+            shutil.rmtree(chain_dir)
+        if not rpc_url:
+            if keep:
+                chain_dir.mkdir(parents=True, exist_ok=True)
+            anvil = start_anvil(block_time=block_time, log_dir=log_dir,
+                                state_file=chain_dir / "state.json" if keep else None)
+            stack.callback(anvil.stop)
+            rpc_url = anvil.url
+        deployment = load_deployment(chain_dir / "stack.json", rpc_url) if kept else None
+        if kept and deployment is None:  # the saved contracts are not on the chain: start both afresh
+            note("the kept chain state does not hold the saved contracts; starting a fresh chain and database")
+            kept = False
         pg_uri = None
         if not database_url:
             pg_uri = start_embedded_postgres(DATA_DIR / "pg")
-            database_url = create_database(pg_uri, database, drop=True)
+            database_url = create_database(pg_uri, database, drop=not kept)
         upgrade(database_url)
-        rpc_url = os.environ.get("RPC_URL")
-        if not rpc_url:
-            anvil = start_anvil(block_time=block_time, log_dir=log_dir)
-            stack.callback(anvil.stop)
-            rpc_url = anvil.url
-        note(f"PostgreSQL ready, schema migrated ({time.monotonic() - t0:.1f} s)")
-        deployment = deploy_payment_stack(rpc_url, buyers=buyers)
-        note(f"chain {deployment.chain_id} at {rpc_url}: payment token {deployment.payment_token}, "
-             f"mint token {deployment.mint_token}")
+        note(f"PostgreSQL ready, schema migrated ({time.monotonic() - t0:.1f} s)"
+             + (f"; payments database {database} kept from the last start" if kept else ""))
+        if deployment is None:
+            deployment = deploy_payment_stack(rpc_url, buyers=buyers)
+            if keep:
+                save_deployment(chain_dir / "stack.json", deployment)
+        note(f"chain {deployment.chain_id} at {rpc_url}{' (kept from the last start)' if kept else ''}: "
+             f"payment token {deployment.payment_token}, mint token {deployment.mint_token}")
         engine = make_engine(database_url)
         stack.callback(engine.dispose)
         with transaction(engine, "stack") as conn:
@@ -250,10 +298,19 @@ def local_stack(*, database: str, buyers: int, block_time: float = 1, api_port: 
             stack.callback(receiver.stop)
             env["ALERT_WEBHOOK_URL"] = receiver.url
             note(f"alert notifications go to the local receiver {receiver.url} (recorded in {logs}/alerts.jsonl)")
-        # Kept running: if the serve process dies, its deployments are served again by a new one.
-        serve = Supervised("deployments.serve", [sys.executable, "-m", "deployments.serve"], env,
-                           log_dir / "serve.log", say=lambda m: note(f"{m} (see {logs}/serve.log)"))
-        stack.callback(serve.stop)
+        env["PAYMENTS_CODE_DIR"] = str(REPO_ROOT)
+        env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
+        # the production path: deployments from deployments/prefect.yaml on the work pool, and a worker
+        deploy = subprocess.run([sys.executable, "-m", "deployments.deploy"], env=env, cwd=REPO_ROOT,
+                                capture_output=True, text=True)
+        (log_dir / "deploy.log").write_text(deploy.stdout + deploy.stderr)
+        if deploy.returncode != 0:
+            raise RuntimeError(f"deploying the flows failed; see {logs}/deploy.log")
+        note(f"deployed deployments/prefect.yaml on work pool 'payments' ({time.monotonic() - t0:.1f} s)")
+        # Kept running: if the worker dies, a new one starts (and starts each scheduled deployment at once).
+        worker = Supervised("worker", [sys.executable, "-m", "deployments.worker"], env, log_dir / "worker.log",
+                            say=lambda m: note(f"{m} (see {logs}/worker.log)"))
+        stack.callback(worker.stop)
         port = api_port or free_port()
         api_key = env.get("PAYMENTS_API_KEY") or secrets.token_urlsafe(24)
         # The internet-facing API holds no key: it verifies with an address only.
@@ -263,12 +320,12 @@ def local_stack(*, database: str, buyers: int, block_time: float = 1, api_port: 
         _wait_http(f"http://127.0.0.1:{port}/openapi.json", api, log_dir / "api.log")
         note(f"API http://127.0.0.1:{port} (OpenAPI at /openapi.json) ({time.monotonic() - t0:.1f} s)")
         yield Stack(database_url=database_url, rpc_url=rpc_url, deployment=deployment, prefect=prefect,
-                    api_url=f"http://127.0.0.1:{port}", api_key=api_key, engine=engine, serve=serve, api=api,
+                    api_url=f"http://127.0.0.1:{port}", api_key=api_key, engine=engine, worker=worker, api=api,
                     receiver=receiver, service_rpc_url=service_rpc_url)
 
 
 def trigger_deployments(stack: Stack, names: list[str]) -> None:
-    """Start runs now instead of at the next schedule slot (once serve has registered the deployments)."""
+    """Start runs now (the worker starts one of each scheduled deployment itself when it starts)."""
     os.environ["PREFECT_API_URL"] = stack.prefect.api_url
     from prefect.deployments import run_deployment
 
@@ -279,6 +336,6 @@ def trigger_deployments(stack: Stack, names: list[str]) -> None:
             run_deployment(pending[0], timeout=0)
             pending.pop(0)
         except Exception:
-            if time.monotonic() > deadline or not stack.serve.alive():
-                raise RuntimeError(f"deployment {pending[0]} did not appear; see {stack.serve.log_path}") from None
+            if time.monotonic() > deadline or not stack.worker.alive():
+                raise RuntimeError(f"deployment {pending[0]} did not appear; see {stack.worker.log_path}") from None
             time.sleep(0.5)

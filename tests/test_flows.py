@@ -141,7 +141,7 @@ def test_monitor_flow_publishes_metrics_to_the_ui(flow_env: dict[str, str], chai
     from flows.monitor import monitor_payments
 
     queue_many(embedded_engine, chain, 3)
-    result = monitor_payments()
+    result = monitor_payments(run_seconds=0)
     assert result["metrics"]["queue_depth"] == 3 and result["alerts"] == []
     summary = Artifact.get("payment-queue-summary")
     table = Artifact.get("payment-queue-metrics")
@@ -191,17 +191,17 @@ def test_alert_opens_reminds_and_resolves_through_a_prefect_automation(
         send_payments(run_seconds=0, max_ticks=1)
         with embedded_engine.begin() as conn:  # a payment 2 minutes in sent: over the seed's 60 s
             conn.execute(text("UPDATE payment_queue SET sent_at = sent_at - interval '2 minutes'"))
-        assert monitor_payments()["notifications"] == ["opened:sent_age"]
+        assert monitor_payments(run_seconds=0)["notifications"] == ["opened:sent_age"]
         assert _wait_for(lambda: len(receiver.received) == 1, 30), receiver.received
         first = receiver.received[0]
         assert "payments.alert.opened" in first["subject"] and "sent_age" in first["subject"]
         assert "in sent for" in first["body"]
-        assert monitor_payments()["notifications"] == []  # still open, reminder not due: nothing sent
+        assert monitor_payments(run_seconds=0)["notifications"] == []  # still open, reminder not due: nothing sent
         with embedded_engine.begin() as conn:
             write_setting(conn, "alert_reminder_seconds", 0)
-        assert monitor_payments()["notifications"] == ["reminder:sent_age"]
+        assert monitor_payments(run_seconds=0)["notifications"] == ["reminder:sent_age"]
         confirm_payments(run_seconds=0, max_ticks=2)
-        assert monitor_payments()["notifications"] == ["resolved:sent_age"]
+        assert monitor_payments(run_seconds=0)["notifications"] == ["resolved:sent_age"]
         assert _wait_for(lambda: len(receiver.received) == 3, 30), receiver.received
         kinds = sorted(r["subject"].split(":")[0] for r in receiver.received)
         assert kinds == ["[payments] payments.alert.opened", "[payments] payments.alert.reminder",
@@ -256,9 +256,14 @@ def test_the_ui_is_told_to_reach_its_own_server(prefect_api: str) -> None:
     assert settings["api_url"] == prefect_api  # not the default http://127.0.0.1:4200/api
 
 
-def _spawn_serve(env: dict[str, str], log: Any) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "deployments.serve"], cwd=REPO_ROOT, env=env, stdout=log,
+def _spawn(module: str, env: dict[str, str], log: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", module], cwd=REPO_ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _deploy(env: dict[str, str], log_path: Path) -> None:
+    with log_path.open("ab") as log:
+        assert _spawn("deployments.deploy", env, log).wait(timeout=180) == 0, log_path.read_text()[-3000:]
 
 
 def _stop_group(process: subprocess.Popen[bytes]) -> None:
@@ -294,81 +299,79 @@ def _active_runs(flow_name: str, deployment_name: str) -> int:
 
 
 @pytest.mark.crash
-def test_kill_9_of_the_serve_process_and_its_runs_does_not_stall_the_pipeline(
+def test_kill_9_of_the_worker_and_its_runs_does_not_stall_the_pipeline(
     flow_env: dict[str, str], chain: Deployment, embedded_engine: Engine, tmp_path: Any
 ) -> None:
-    """Served send runs, both in flight, are killed with their serve process (kill -9 of the process
-    group: an OOM kill or a lost container); a new serve process starts (the local stack's supervisor
-    does that). A payment queued after the kill must be sent by the next scheduled run within a minute,
-    not after the 300 s concurrency-slot lease a dead run would hold."""
+    """The flows deployed from prefect.yaml on the work pool; the worker is killed together with its runs
+    (kill -9 of the process group: an OOM kill or a lost container) and a new worker starts (the local
+    stack's supervisor, or systemd, does that). A payment queued after the kill is sent within a minute,
+    although the next scheduled send run is 5 minutes away: the new worker starts one of each at once."""
     with embedded_engine.begin() as conn:
-        write_setting(conn, "send_run_seconds", 5)  # a send run due every 5 s
-        write_setting(conn, "confirm_run_seconds", 3600)  # confirm, mint, webhooks, monitor: one run each,
-        write_setting(conn, "monitor_interval_seconds", 3600)  # not under test here
-    env = {**flow_env, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-           "MINTER_PRIVATE_KEY": "0x" + bytes(chain.minter.key).hex()}
-    log = (tmp_path / "serve.log").open("wb")
-    serve = _spawn_serve(env, log)
+        write_setting(conn, "send_run_seconds", 300)
+        write_setting(conn, "confirm_run_seconds", 3600)  # confirm, mint, webhooks, monitor: not under test
+    env = {**flow_env, "MINTER_PRIVATE_KEY": "0x" + bytes(chain.minter.key).hex(), "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    log_path = tmp_path / "worker.log"
+    _deploy(env, log_path)
+    log = log_path.open("ab")
+    worker = _spawn("deployments.worker", env, log)
     try:
         first = queue_many(embedded_engine, chain, 1)[0]
-        assert _wait_for(lambda: payment(embedded_engine, first)["status"] in ("sent", "completed"), 60), \
-            (tmp_path / "serve.log").read_text()[-3000:]
-        # wait for the moment the issue describes: two send runs of the deployment in flight at once
-        assert _wait_for(lambda: _active_runs("send-payments", "send") >= 2, 30)
-        os.killpg(serve.pid, signal.SIGKILL)
-        serve.wait(timeout=10)
+        assert _wait_for(lambda: payment(embedded_engine, first)["status"] in ("sent", "completed"), 90), \
+            log_path.read_text()[-3000:]
+        assert _active_runs("send-payments", "send") >= 1
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=10)
         killed = time.monotonic()
-        serve = _spawn_serve(env, log)
+        worker = _spawn("deployments.worker", env, log)
         second = queue_many(embedded_engine, chain, 1)[0]
         sent = _wait_for(lambda: payment(embedded_engine, second)["status"] in ("sent", "completed"), 60)
         took = time.monotonic() - killed
-        print(f"kill -9 of the serve process group to the next payment sent: {took:.1f} s")
+        print(f"kill -9 of the worker's process group to the next payment sent: {took:.1f} s")
         assert sent, f"no payment sent {took:.0f} s after the kill: {statuses(embedded_engine)}"
     finally:
-        _stop_group(serve)
+        _stop_group(worker)
         log.close()
 
 
 @pytest.mark.crash
-def test_the_local_stack_restarts_a_killed_serve_process_and_stops_everything_at_the_end(
+def test_the_local_stack_restarts_a_killed_worker_and_stops_everything_at_the_end(
     flow_env: dict[str, str], prefect_api: str, chain: Deployment, embedded_engine: Engine, tmp_path: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """kill -9 of the stack's serve process alone (as the OOM killer would): the stack stops the flow runs
-    it left and starts a new one, which serves the deployments again (a payment queued after the kill is
+    """kill -9 of the stack's worker alone (as the OOM killer would): the stack stops the flow runs it
+    left and starts a new one, which runs the deployments again (a payment queued after the kill is
     sent); leaving the stack stops every process it started."""
     from payments.stack import group_alive, local_stack
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)  # the stack joins the tests' database, chain, server
     with embedded_engine.begin() as conn:
-        write_setting(conn, "send_run_seconds", 5)
+        write_setting(conn, "send_run_seconds", 300)
         write_setting(conn, "confirm_run_seconds", 3600)
-        write_setting(conn, "monitor_interval_seconds", 3600)
     with local_stack(database="unused", buyers=1, say=False, log_dir=tmp_path) as stack:
         api_env = Path(f"/proc/{stack.api.pid}/environ").read_bytes().split(b"\0")
         assert not [v for v in api_env if v.split(b"=")[0] in (b"SIGNER_PRIVATE_KEYS", b"MINTER_PRIVATE_KEY")]
-        first = stack.serve.pid
+        first = stack.worker.pid
         before = queue_many(embedded_engine, chain, 1)[0]
         assert _wait_for(lambda: payment(embedded_engine, before)["status"] in ("sent", "completed"), 60), \
-            (tmp_path / "serve.log").read_text()[-3000:]
+            (tmp_path / "worker.log").read_text()[-3000:]
         os.kill(first, signal.SIGKILL)
         killed = time.monotonic()
-        assert _wait_for(lambda: stack.serve.pid != first and stack.serve.process.poll() is None, 15)
+        assert _wait_for(lambda: stack.worker.pid != first and stack.worker.process.poll() is None, 15)
         # the flow runs the killed process left are stopped: what follows is the new process's work
         assert _wait_for(lambda: not group_alive(first), 20)
         after = queue_many(embedded_engine, chain, 1)[0]
         sent = _wait_for(lambda: payment(embedded_engine, after)["status"] in ("sent", "completed"), 60)
-        print(f"kill -9 of the stack's serve process to the next payment sent: {time.monotonic() - killed:.1f} s")
-        assert sent, (tmp_path / "serve.log").read_text()[-3000:]
-        assert stack.serve.restarts == 1
-        groups, api = stack.serve.process_groups, stack.api
-    assert not any(group_alive(g) for g in groups)  # both serve processes and every flow run they started
+        print(f"kill -9 of the stack's worker to the next payment sent: {time.monotonic() - killed:.1f} s")
+        assert sent, (tmp_path / "worker.log").read_text()[-3000:]
+        assert stack.worker.restarts == 1
+        groups, api = stack.worker.process_groups, stack.api
+    assert not any(group_alive(g) for g in groups)  # both workers and every flow run they started
     assert api.poll() is not None
 
 
 class _LateForwarder:
     """A loopback port that refuses connections until `open()`, then forwards them to `target_port`:
-    a Prefect API that is still starting (or restarting) when the serve process comes up."""
+    a Prefect API that is still starting (or restarting) when the deploy or the worker starts."""
 
     def __init__(self, target_port: int) -> None:
         self.port = free_port()
@@ -401,11 +404,11 @@ class _LateForwarder:
             self._listener.close()
 
 
-def test_serve_start_up_retries_while_postgresql_and_the_prefect_api_are_not_up_yet(
+def test_deploy_retries_while_postgresql_and_the_prefect_api_are_not_up_yet(
     flow_env: dict[str, str], prefect_api: str, tmp_path: Any
 ) -> None:
-    """deployments.serve starts while its database does not answer yet (OperationalError) and then while
-    the Prefect API refuses connections; it retries with backoff, logs each retry, and serves once both
+    """deployments.deploy starts while its database does not answer yet (OperationalError) and then while
+    the Prefect API refuses connections; it retries with backoff, logs each retry, and deploys once both
     are up, with the schedule read from the database."""
     from prefect.client.orchestration import get_client
     from sqlalchemy.engine import make_url
@@ -415,9 +418,9 @@ def test_serve_start_up_retries_while_postgresql_and_the_prefect_api_are_not_up_
     url = make_url(flow_env["DATABASE_URL"]).set(database=name).render_as_string(hide_password=False)
     api = _LateForwarder(int(prefect_api.rsplit(":", 1)[1].split("/")[0]))
     env = {**flow_env, "DATABASE_URL": url, "PREFECT_API_URL": f"http://127.0.0.1:{api.port}/api"}
-    log_path = tmp_path / "serve.log"
+    log_path = tmp_path / "deploy.log"
     with log_path.open("wb") as log:
-        serve = _spawn_serve(env, log)
+        deployer = _spawn("deployments.deploy", env, log)
     try:
         def logged(text: str) -> bool:
             return text in log_path.read_text(errors="replace")
@@ -427,7 +430,7 @@ def test_serve_start_up_retries_while_postgresql_and_the_prefect_api_are_not_up_
         with make_engine(url).begin() as conn:
             write_setting(conn, "send_run_seconds", 1234)  # proves the schedule was read after the retry
         assert _wait_for(lambda: logged("ConnectError"), 40), log_path.read_text()
-        assert serve.poll() is None
+        assert deployer.poll() is None
         api.open()
 
         def served() -> bool:
@@ -440,9 +443,9 @@ def test_serve_start_up_retries_while_postgresql_and_the_prefect_api_are_not_up_
                        for s in deployment.schedules)
 
         assert _wait_for(served, 60), log_path.read_text()[-3000:]
-        assert serve.poll() is None and not logged("giving up")
+        assert deployer.wait(timeout=120) == 0 and not logged("giving up")
     finally:
-        _stop_group(serve)
+        _stop_group(deployer)
         api.close()
         embedded.drop(url)
 
@@ -484,7 +487,7 @@ def test_a_payments_run_whose_heartbeats_stop_is_marked_crashed(prefect_api: str
                 beat(run_id, tag)
             time.sleep(1)
         assert state(dead.id) == "RUNNING"  # beating: left alone
-        # the runner died; a new serve process sets the automations up again: the same one is kept,
+        # the runner died; a new deploy sets the automations up again: the same one is kept,
         # with what its trigger saw (recreating it would forget the dead run's last heartbeat)
         assert ensure_crash_detection(timedelta(seconds=10)).id == created.id
         deadline = time.monotonic() + 45  # then only `alive` beats on
@@ -509,7 +512,30 @@ def test_prefect_yaml_deploys_to_a_work_pool(prefect_api: str) -> None:
     assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
     from prefect.client.orchestration import get_client
 
+    from deployments.deploy import spec
+
     with get_client(sync_client=True) as client:
         on_pool = [d for d in client.read_deployments() if d.work_pool_name == "payments"]
-    assert {d.name for d in on_pool} == {"send", "confirm", "mint", "webhooks", "monitor", "manual"}
+    queues = {d["name"]: d["work_pool"]["work_queue_name"] for d in spec()["deployments"]}
+    assert {d.name: d.work_queue_name for d in on_pool} == queues and len(queues) == 12
     assert all(d.global_concurrency_limit is None for d in on_pool)  # a killed worker cannot hold a slot
+
+
+@pytest.mark.skipif(not Path(os.environ.get("CHROMIUM", "/usr/bin/chromium")).exists(),
+                    reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_the_prefect_ui_loads_the_dashboard_and_the_monitor_artifact_in_a_real_browser(
+        flow_env: dict[str, str], prefect_api: str, tmp_path: Any) -> None:
+    """Headless Chromium against the server's own UI: the dashboard and the monitor's markdown artifact
+    load with their API calls answered and no connection error on the page."""
+    import json
+
+    from flows.monitor import monitor_payments
+
+    monitor_payments(run_seconds=0)
+    done = subprocess.run(["node", str(REPO_ROOT / "scripts" / "ui_check.mjs"), prefect_api.removesuffix("/api"),
+                           "--screenshots", str(tmp_path)], capture_output=True, text=True, timeout=180,
+                          cwd=REPO_ROOT)
+    pages = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert {p["page"] for p in pages} == {"dashboard", "monitor-artifact"}, done.stdout + done.stderr
+    assert done.returncode == 0 and all(p["ok"] and p["api_failed"] == 0 for p in pages), done.stdout + done.stderr
+    assert all((tmp_path / f"{p['page']}.png").stat().st_size > 10_000 for p in pages)
