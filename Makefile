@@ -7,7 +7,7 @@ STAMP_NPM := node_modules/.installed
 PAYMENTS ?= 50
 SEED ?=
 
-.PHONY: setup demo drill test lint migrate contracts check-contracts up ops-check screenshots clean
+.PHONY: setup demo drill test lint migrate contracts check-contracts up ops-check screenshots bench clean
 
 setup: $(STAMP_PY) $(STAMP_NPM)
 
@@ -34,6 +34,10 @@ drill: setup
 # Operator promises on a fresh local stack: alert latency, recovery start under load, idle noise.
 ops-check: setup
 	$(BIN)/python scripts/ops_check.py
+
+# Stage throughput against the machine's limit; writes docs/BENCHMARKS.md (last line: JSON).
+bench: setup
+	$(BIN)/python scripts/bench.py
 
 # docs/screenshots/*.png from a fresh local stack (needs Debian's chromium).
 screenshots: setup

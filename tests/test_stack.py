@@ -1,6 +1,6 @@
 """The local stack's supervisor: a long-lived process that dies is started again with backoff, what it
 left behind is stopped, and a clean stop ends everything. (The same through the whole
-stack, with the real serve process: tests/test_flows.py.)"""
+stack, with the real worker: tests/test_flows.py.) `make up` keeps its chain between starts."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from payments.stack import Supervised, group_alive
 
 pytestmark = [pytest.mark.crash]
 
-# A parent that starts a child of its own, like the serve process starting flow runs.
+# A parent that starts a child of its own, like the worker starting flow runs.
 PARENT = ("import subprocess, sys, time; "
           "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)")
 
@@ -67,3 +67,40 @@ def test_a_killed_process_is_restarted_with_backoff_and_stop_ends_everything(tmp
     assert not any(group_alive(g) for g in groups)
     time.sleep(1)
     assert sup.restarts == 2 and sup.process.poll() is not None  # stopped for good
+
+
+@pytest.mark.chain
+def test_a_kept_chain_comes_back_with_its_contracts_balances_and_nonces(tmp_path: Path) -> None:
+    """`make up` keeps its chain: anvil writes --state when stopped, a new anvil loads it, and the saved
+    deployment is found on it (contracts, buyers' balances, the wallets' nonces). A chain without the
+    saved contracts is refused, so a kept payments database is never paired with another chain."""
+    from payments.localstack import deploy_payment_stack, start_anvil
+    from payments.stack import load_deployment, save_deployment
+
+    state, saved = tmp_path / "state.json", tmp_path / "stack.json"
+    anvil = start_anvil(block_time=1, log_dir=tmp_path, state_file=state)
+    try:
+        dep = deploy_payment_stack(anvil.url, buyers=2)
+        save_deployment(saved, dep)
+        w3 = dep.w3()
+        balance = dep.payment_contract().functions.balanceOf(dep.buyers[0].address).call()
+        deployer_nonce = w3.eth.get_transaction_count(dep.deployer.address)
+        head = w3.eth.block_number
+    finally:
+        anvil.stop()  # SIGTERM: anvil writes its state as it exits
+    assert oct(saved.stat().st_mode & 0o777) == "0o600"  # throwaway keys, still not world-readable
+    again = start_anvil(block_time=1, log_dir=tmp_path, state_file=state)
+    try:
+        kept = load_deployment(saved, again.url)
+        assert kept is not None and kept.payment_token == dep.payment_token
+        assert [b.address for b in kept.buyers] == [b.address for b in dep.buyers]
+        assert kept.payment_contract().functions.balanceOf(dep.buyers[0].address).call() == balance
+        assert kept.w3().eth.get_transaction_count(dep.deployer.address) == deployer_nonce
+        assert kept.w3().eth.block_number >= head
+    finally:
+        again.stop()
+    fresh = start_anvil(block_time=1, log_dir=tmp_path)  # no state: the saved contracts are not there
+    try:
+        assert load_deployment(saved, fresh.url) is None
+    finally:
+        fresh.stop()
