@@ -11,9 +11,12 @@ MISSED_HEARTBEATS_AFTER and has not finished, the `payments-crashed-runs` automa
 (The pipeline does not need this to go on: nothing waits for a run to end. It keeps the UI true.)
 
 Runs that end early: a pipeline or monitor run (tag `pipeline` or `monitor`) that crashes (its process
-killed, or marked Crashed above) or fails is followed RERUN_AFTER later by a new run of its deployment
+killed, or marked Crashed above) is followed RERUN_AFTER later by a new run of its deployment
 (`payments-rerun-ended-runs`), so the stage is not left without a run until its next schedule slot
-(one window, 5 minutes by default). A run that fails again at once is retried at that pace, visibly.
+(one window, 5 minutes by default). Failed runs are not re-run: passing errors (outages) are retried
+inside a run, so a Failed run is a defect or a configuration error, which re-running every few seconds
+would only repeat (and multiply: each schedule slot would start another chain); it waits for the next
+slot and the monitor's alerts.
 
 `python -m deployments.automations` (run by deployments.deploy) creates or updates them,
 idempotently."""
@@ -42,7 +45,7 @@ RUN_ENDED_EVENTS = {"prefect.flow-run.Completed", "prefect.flow-run.Failed", "pr
                     "prefect.flow-run.Crashed"}
 
 RERUN_AUTOMATION_NAME = "payments-rerun-ended-runs"
-RERUN_AFTER = timedelta(seconds=3)
+RERUN_AFTER = timedelta(seconds=5)
 RERUN_TAGS = ("pipeline", "monitor")
 
 AUTOMATION_NAME = "payments-alerts"
@@ -138,13 +141,13 @@ def ensure_crash_detection(after: timedelta = MISSED_HEARTBEATS_AFTER) -> Any:
 
 def ensure_rerun_of_ended_runs(after: timedelta = RERUN_AFTER) -> Any:
     """(Re)create the automation that starts a new run of a pipeline or monitor deployment when one of its
-    runs crashes or fails."""
+    runs crashes."""
     return _replace(Automation(
         name=RERUN_AUTOMATION_NAME,
-        description="A pipeline or monitor run that crashed or failed is followed by a new run of its "
-                    f"deployment {after.total_seconds():.0f} s later, not at the next schedule slot",
+        description="A pipeline or monitor run that crashed is followed by a new run of its deployment "
+                    f"{after.total_seconds():.0f} s later, not at the next schedule slot",
         trigger=EventTrigger(
-            expect={"prefect.flow-run.Crashed", "prefect.flow-run.Failed"},
+            expect={"prefect.flow-run.Crashed"},
             match={"prefect.resource.id": "prefect.flow-run.*"},
             match_related={"prefect.resource.role": "tag",
                            "prefect.resource.id": [f"prefect.tag.{t}" for t in RERUN_TAGS]},
@@ -158,7 +161,7 @@ def main() -> None:
     crash = ensure_crash_detection()
     print(f"automation {crash.name} ({crash.id}) marks payments runs Crashed when their heartbeats stop")
     rerun = ensure_rerun_of_ended_runs()
-    print(f"automation {rerun.name} ({rerun.id}) starts a new run when a pipeline or monitor run ends early")
+    print(f"automation {rerun.name} ({rerun.id}) starts a new run when a pipeline or monitor run crashes")
     block = notification_block_from_env()
     if block is None:
         print("no ALERT_WEBHOOK_URL / ALERT_SLACK_WEBHOOK_URL: alerts are emitted as events only")

@@ -13,6 +13,7 @@ Idempotent; transient errors (the database or the Prefect API restarting) are re
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -106,7 +107,7 @@ def prefect_deploy(document: dict[str, Any]) -> None:
                               text=True)
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-        if "Connect" in tail or "503" in tail or "502" in tail or "500" in tail:
+        if re.search(r"ConnectError|Connection refused|Server error '5\d\d", tail):
             raise ConnectionError(f"prefect deploy could not reach the API:\n{tail}")
         raise RuntimeError(f"prefect deploy failed:\n{tail}")
 

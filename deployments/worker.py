@@ -34,6 +34,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.logging import get_logger
 from prefect.states import Cancelled
 
@@ -49,10 +50,12 @@ log = get_logger("deployments.worker")
 
 
 async def _scheduled_deployments() -> dict[UUID, str]:
-    """id -> name of the pool's deployments that have a schedule."""
+    """id -> name of the pool's deployments that have an active schedule and are not paused (an operator's
+    pause is a kill switch a worker start must not override)."""
     async with get_client() as client:
         deployments = await client.read_deployments()
-        return {d.id: d.name for d in deployments if d.work_pool_name == POOL and d.schedules}
+        return {d.id: d.name for d in deployments
+                if d.work_pool_name == POOL and not d.paused and any(s.active for s in d.schedules)}
 
 
 async def cancel_stale_runs(now: datetime | None = None) -> int:
@@ -76,9 +79,10 @@ async def cancel_stale_runs(now: datetime | None = None) -> int:
         for run in runs:
             due = run.expected_start_time or run.next_scheduled_start_time
             if due is not None and (now - due).total_seconds() > STALE_AFTER:
-                await client.set_flow_run_state(run.id, Cancelled(
-                    message=f"skipped: due {due:%H:%M:%S} while no worker was running"), force=True)
-                cancelled += 1
+                # not forced: a run another worker has just started keeps its state
+                result: Any = await client.set_flow_run_state(run.id, Cancelled(
+                    message=f"skipped: due {due:%H:%M:%S} while no worker was running"), force=False)
+                cancelled += result.status == SetStateStatus.ACCEPT
     return cancelled
 
 

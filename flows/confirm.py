@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.runs import finish_run, has_work, running_name
-from flows.ticks import add_counts, counts, run_window, tick_loop
+from flows.ticks import add_counts, counts, run_window, tick_loop, with_retries
 from payments.settings import PipelineSettings
 from tasks.common import Pipeline
 from tasks.confirm import ConfirmReport, confirm_tick, confirm_tick_task
@@ -28,8 +28,8 @@ def confirm_payments(
     """Decide sent payments from the chain and tend every wallet for `run_seconds` (default:
     system_settings.confirm_run_seconds)."""
     started = time.monotonic()
-    p = Pipeline.from_env()
-    settings = p.settings()
+    p = with_retries(Pipeline.from_env)
+    settings = with_retries(p.settings)
     window = run_window(settings.confirm_run_seconds) if run_seconds is None else run_seconds
     actor = f"confirm-{flow_run.get_id() or 'local'}"
     total = ConfirmReport()

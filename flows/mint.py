@@ -11,7 +11,7 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.runs import finish_run, has_work, running_name
-from flows.ticks import add_counts, counts, run_window, tick_loop
+from flows.ticks import LANE_REST_SECONDS, add_counts, counts, run_window, tick_loop, with_retries
 from payments.config import load_minter
 from payments.settings import PipelineSettings
 from tasks.common import Lanes, Pipeline, new_owner_id, run_logger
@@ -24,9 +24,9 @@ def mint_tokens(
     max_ticks: Annotated[int | None, Field(ge=1, le=100_000)] = None,
 ) -> dict[str, int]:
     started = time.monotonic()
-    p = Pipeline.from_env()
+    p = with_retries(Pipeline.from_env)
     minter = load_minter()
-    settings = p.settings()
+    settings = with_retries(p.settings)
     window = run_window(settings.confirm_run_seconds) if run_seconds is None else run_seconds
     owner = new_owner_id(f"mint-{flow_run.get_id() or 'local'}")
     total = MintReport()
@@ -43,7 +43,8 @@ def mint_tokens(
             add_counts(total, report)
             return report.claimed >= settings.mint_batch_size
 
-        tick_loop(p.settings, window, lambda s: s.confirmation_interval_ms, tick, max_ticks)
+        tick_loop(p.settings, window, lambda s: s.confirmation_interval_ms, tick, max_ticks,
+                  on_error=lambda _: lanes.rest(LANE_REST_SECONDS))  # a standby run may still reach the chain
     finally:
         lanes.release()
     if total.minted:

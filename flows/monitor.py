@@ -26,7 +26,7 @@ from pydantic import Field
 from sqlalchemy import Engine, text
 
 from flows.runs import finish_run, running_name
-from flows.ticks import run_window, tick_loop
+from flows.ticks import run_window, tick_loop, with_retries
 from payments.settings import PipelineSettings, read_values
 from tasks.common import Pipeline, run_logger
 from tasks.monitor import (
@@ -168,8 +168,13 @@ def emit_alert_events(engine: Engine, due: list[tuple[str, Alert]], opened: dict
         )
 
 
-def monitor_pass(p: Pipeline) -> dict[str, Any]:
-    """One evaluation: metrics, a sample, alerts (notified as events), the dashboard artifacts."""
+SUMMARY_EVERY = 4  # passes between two dashboard (markdown + chart) artifacts, unless alerts change
+
+
+def monitor_pass(p: Pipeline, publish_summary: bool = True) -> dict[str, Any]:
+    """One evaluation: metrics, a sample, alerts (notified as events), the metrics table artifact, and the
+    dashboard artifact (with its chart) when `publish_summary` or an alert opened or resolved: each is a
+    new artifact version in the Prefect database, ~27 KB with the chart."""
     with p.engine.connect() as conn:
         thresholds = read_thresholds(conn)
         metrics = compute_metrics(conn, thresholds)
@@ -185,18 +190,23 @@ def monitor_pass(p: Pipeline) -> dict[str, Any]:
         log.warning("ALERT %s %s: %s", kind, alert.key, alert.message)
     create_table_artifact(key="payment-queue-metrics", table=readable_metrics(metrics),
                           description="Payment queue metrics at this run")
-    create_markdown_artifact(
-        key="payment-queue-summary",
-        markdown=summary_markdown(metrics, thresholds, alerts, signers, recent_chart(p.engine)),
-        description="Payment queue at a glance",
-    )
+    if publish_summary or any(kind != "reminder" for kind, _ in due):
+        create_markdown_artifact(
+            key="payment-queue-summary",
+            markdown=summary_markdown(metrics, thresholds, alerts, signers, recent_chart(p.engine)),
+            description="Payment queue at a glance",
+        )
     return {"metrics": metrics.as_row(), "alerts": [a.key for a in alerts],
             "notifications": [f"{kind}:{a.key}" for kind, a in due]}
 
 
 def monitor_interval_ms(p: Pipeline) -> int:
-    with p.engine.connect() as conn:
-        return int(read_values(conn, "monitor")["monitor_interval_seconds"]) * 1000
+    """The pause between passes (30 s when the database cannot say: the pass itself reports the error)."""
+    try:
+        with p.engine.connect() as conn:
+            return int(read_values(conn, "monitor")["monitor_interval_seconds"]) * 1000
+    except Exception:
+        return 30_000
 
 
 @flow(name="monitor-payments", flow_run_name=running_name("monitor-payments"))
@@ -208,20 +218,24 @@ def monitor_payments(
     """Evaluate the queue every monitor_interval_seconds for the run's window: an alert is noticed within
     one interval of its threshold being crossed, not at the next run's process start."""
     started = time.monotonic()
-    p = Pipeline.from_env()
-    window = run_window(p.settings().confirm_run_seconds) if run_seconds is None else run_seconds
+    p = with_retries(Pipeline.from_env)
+    window = run_window(with_retries(p.settings).confirm_run_seconds) if run_seconds is None else run_seconds
     last: dict[str, Any] = {}
     notifications: list[str] = []
     alerts_seen: set[str] = set()
 
+    passes = 0
+
     def tick(_settings: PipelineSettings) -> bool:
-        result = monitor_pass(p)
+        nonlocal passes
+        result = monitor_pass(p, publish_summary=passes % SUMMARY_EVERY == 0)
+        passes += 1
         last.update(result)
         notifications.extend(result["notifications"])
         alerts_seen.update(result["alerts"])
         return False
 
-    passes = tick_loop(p.settings, window, lambda _s: monitor_interval_ms(p), tick, max_passes)
+    tick_loop(p.settings, window, lambda _s: monitor_interval_ms(p), tick, max_passes)
     finish_run("monitor", {"passes": passes, "notifications": len(notifications),
                            "alerts open": len(last.get("alerts", []))}, started)
     return {**last, "notifications": notifications, "alerts_seen": sorted(alerts_seen)}

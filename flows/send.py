@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.runs import finish_run, has_work, running_name
-from flows.ticks import add_counts, counts, run_window, tick_loop
+from flows.ticks import LANE_REST_SECONDS, add_counts, counts, run_window, tick_loop, with_retries
 from payments.db import fetch_all, transaction
 from payments.settings import PipelineSettings
 from tasks.common import Lanes, Pipeline, chunked, new_owner_id, run_logger
@@ -61,8 +61,8 @@ def send_payments(
     """Claim, simulate, sign, persist and broadcast pending payments for `run_seconds`
     (default: system_settings.send_run_seconds; 0 = a single tick)."""
     started = time.monotonic()
-    p = Pipeline.from_env()
-    settings = p.settings()
+    p = with_retries(Pipeline.from_env)
+    settings = with_retries(p.settings)
     window = run_window(settings.send_run_seconds) if run_seconds is None else run_seconds
     owner = new_owner_id(f"send-{flow_run.get_id() or 'local'}")
     total = SendReport()
@@ -80,8 +80,15 @@ def send_payments(
             add_counts(total, report)
             return report.claimed >= settings.payment_batch_size * len(owned)
 
+        def let_go(_: BaseException) -> None:
+            """A failed tick: its unsigned claims go back and the lanes rest, for a standby run that can
+            still reach the chain and the database (the next tick takes them again if none did)."""
+            lanes.rest(LANE_REST_SECONDS)
+            with transaction(p.engine, owner) as conn:
+                fetch_all(conn, "release_owned_claims", owner=owner)
+
         try:
-            tick_loop(p.settings, window, lambda s: s.payment_batch_interval_ms, tick, max_ticks)
+            tick_loop(p.settings, window, lambda s: s.payment_batch_interval_ms, tick, max_ticks, on_error=let_go)
         finally:  # claims this run did not sign go back now (a killed run's wait for their lease)
             with transaction(p.engine, owner) as conn:
                 given_back = fetch_all(conn, "release_owned_claims", owner=owner)

@@ -19,11 +19,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from deployments.startup import is_transient
 from payments.settings import PipelineSettings
 from tasks.common import run_logger
+
+T = TypeVar("T")
+LANE_REST_SECONDS = 10.0  # after a failed tick a send or mint run leaves its lanes alone this long
 
 
 def seconds_late() -> float:
@@ -59,14 +62,31 @@ def run_window(setting_seconds: int) -> int:
         return setting_seconds
 
 
+def with_retries(start: Callable[[], T], seconds: float = 120.0) -> T:
+    """Call `start` (a run's set-up: connections, settings) again every 2 s while it fails on a passing
+    error, for at most `seconds`: a run that starts during an outage waits for it instead of failing."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return start()
+        except Exception as exc:
+            if not is_transient(exc) or time.monotonic() > deadline:
+                raise
+            run_logger().warning("run set-up failed on a passing error (%s); trying again in 2 s",
+                                 f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}")
+            time.sleep(2)
+
+
 def tick_loop(read_settings: Callable[[], PipelineSettings], window: int,
               interval_ms: Callable[[PipelineSettings], int], tick: Callable[[PipelineSettings], bool],
-              max_ticks: int | None = None, late_by: float | None = None) -> int:
+              max_ticks: int | None = None, late_by: float | None = None,
+              on_error: Callable[[BaseException], None] | None = None) -> int:
     """Call `tick` (settings re-read each time) every interval for `window` seconds. A tick that returns
     True found a full batch: the next one starts at once, for at most `window` seconds from the start
     (window 0: drain until a tick is not full). Waiting for the next tick stops `window` seconds after
     the run was due (`late_by`: how late it started; default: asked from the flow run).
-    At least one tick always runs. Returns the number of ticks."""
+    At least one tick always runs. `on_error` is called after a tick failed on a passing error (a send or
+    mint run lets its lanes and claims go there). Returns the number of ticks."""
     if window > 0 and late_by is None:
         late_by = seconds_late()
     drain_until = time.monotonic() + window
@@ -84,6 +104,11 @@ def tick_loop(read_settings: Callable[[], PipelineSettings], window: int,
             full = False
             reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
             run_logger().warning("tick failed on a passing error (%s); next tick at the usual interval", reason)
+            if on_error is not None:
+                try:
+                    on_error(exc)
+                except Exception as cleanup:  # the database may be the thing that is away
+                    run_logger().warning("clean-up after the failed tick failed too (%s)", type(cleanup).__name__)
         ticks += 1
         if max_ticks is not None and ticks >= max_ticks:
             return ticks

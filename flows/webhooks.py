@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from flows.runs import finish_run, has_work, running_name
-from flows.ticks import add_counts, counts, run_window, tick_loop
+from flows.ticks import add_counts, counts, run_window, tick_loop, with_retries
 from payments.config import require_env
 from payments.db import engine_for
 from payments.settings import PipelineSettings, read_settings
@@ -30,14 +30,14 @@ def deliver_webhooks(run_seconds: Annotated[int | None, Field(ge=0, le=3600)] = 
     started = time.monotonic()
     database_url = require_env("DATABASE_URL")
     engine = engine_for(database_url)
-    with engine.connect() as conn:
-        settings = read_settings(conn)
-    window = run_window(settings.confirm_run_seconds) if run_seconds is None else run_seconds
-    total = WebhookReport()
 
     def reread() -> PipelineSettings:
         with engine.connect() as conn:
             return read_settings(conn)
+
+    settings = with_retries(reread)
+    window = run_window(settings.confirm_run_seconds) if run_seconds is None else run_seconds
+    total = WebhookReport()
 
     def tick(settings: PipelineSettings) -> bool:
         if not has_work(engine, "webhooks"):

@@ -35,6 +35,8 @@ RETENTION = {
     "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(3 * 86_400),
     "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": "P1D",  # an ISO 8601 duration (plain seconds are refused)
     "PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS": "3600",
+    # every run's 30 s heartbeat is an event: kept 2 hours (crash detection needs 90 s of them)
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_EVENT_RETENTION_OVERRIDES": '{"prefect.flow-run.heartbeat": 7200}',
 }
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import requests
 from sqlalchemy import Engine
@@ -60,12 +61,74 @@ class Stack:
     service_rpc_url: str = ""  # what the flows and the API use (rpc_url unless local_stack got service_rpc)
 
 
-def save_deployment(path: Path, dep: Deployment) -> None:
-    """The local chain's contracts and throwaway demo accounts, for the next `make up` (mode 600)."""
-    path.write_text(json.dumps({
-        "chain_id": dep.chain_id, "payment_token": dep.payment_token, "mint_token": dep.mint_token,
-        "merchant": dep.merchant, "buyers": ["0x" + bytes(b.key).hex() for b in dep.buyers]}, indent=1))
+def save_deployment(path: Path, dep: Deployment, stack_id: str) -> None:
+    """The local chain's contracts and throwaway demo accounts, for the next `make up` (mode 600 from
+    the first byte)."""
+    body = json.dumps({
+        "stack_id": stack_id, "chain_id": dep.chain_id, "payment_token": dep.payment_token,
+        "mint_token": dep.mint_token, "merchant": dep.merchant,
+        "buyers": ["0x" + bytes(b.key).hex() for b in dep.buyers]}, indent=1)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(body)
     path.chmod(0o600)
+
+
+def _update_saved(path: Path, **fields: Any) -> None:
+    saved = json.loads(path.read_text())
+    saved.update(fields)
+    saved = {k: v for k, v in saved.items() if v is not None}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(saved, indent=1))
+
+
+def record_clean_stop(path: Path, rpc_url: str) -> None:
+    """The chain's head as the stack stops (before anvil writes its state): the next start checks that
+    the kept chain still holds exactly that block, i.e. lost nothing the payments database saw."""
+    from payments.chain import connect
+
+    with suppress(Exception):
+        block = connect(rpc_url, timeout=5).eth.get_block("latest")
+        _update_saved(path, stopped={"number": int(block["number"]), "hash": block["hash"].hex()})
+
+
+def kept_chain_matches(path: Path, rpc_url: str) -> str | None:
+    """Why the kept chain cannot be used with the kept database (None: it can): the last stop was not
+    clean (anvil may have lost the blocks after its last periodic save), or the block recorded then is
+    not on this chain."""
+    from payments.chain import connect
+
+    saved = json.loads(path.read_text())
+    stopped = saved.get("stopped")
+    if not stopped:
+        return "the last stop was not clean (the chain may have lost its newest blocks)"
+    try:
+        block = connect(rpc_url).eth.get_block(int(stopped["number"]))
+    except Exception:
+        return f"block {stopped['number']} of the last stop is missing"
+    if block["hash"].hex().removeprefix("0x") != str(stopped["hash"]).removeprefix("0x"):
+        return f"block {stopped['number']} differs from the one recorded at the last stop"
+    return None
+
+
+def database_tag(admin_uri: str, database: str) -> str | None:
+    """The stack id a kept payments database was created for (its COMMENT), None if it does not exist."""
+    import psycopg
+
+    with psycopg.connect(admin_uri, autocommit=True) as conn:
+        row = conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+                           (database,)).fetchone()
+    return None if row is None else str(row[0] or "")
+
+
+def tag_database(admin_uri: str, database: str, stack_id: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(admin_uri, autocommit=True) as conn:
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(database),
+                                                                     sql.Literal(f"local-stack:{stack_id}")))
 
 
 def load_deployment(path: Path, rpc_url: str) -> Deployment | None:
@@ -77,7 +140,8 @@ def load_deployment(path: Path, rpc_url: str) -> Deployment | None:
 
     saved = json.loads(path.read_text())
     w3 = connect(rpc_url)
-    if w3.eth.chain_id != saved["chain_id"] or not w3.eth.get_code(w3.to_checksum_address(saved["payment_token"])):
+    if not saved.get("stack_id") or w3.eth.chain_id != saved["chain_id"] \
+            or not w3.eth.get_code(w3.to_checksum_address(saved["payment_token"])):
         return None
     return Deployment(rpc_url=rpc_url, chain_id=saved["chain_id"], payment_token=saved["payment_token"],
                       mint_token=saved["mint_token"], deployer=dev_account(0), merchant=saved["merchant"],
@@ -119,12 +183,49 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
+MARKER = "PAYMENTS_SUPERVISED"
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Live processes whose environment carries MARKER=<marker> (a supervised process and everything it
+    started, whatever session or process group they moved to: Prefect's worker starts each flow run in a
+    session of its own, out of reach of a signal to the worker's group)."""
+    needle = f"{MARKER}={marker}".encode()
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in environ.read_bytes().split(b"\0"):
+                pid = int(environ.parent.name)
+                if (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    pids.append(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
+
+
+def end_marked(marker: str, grace: float = 20.0) -> int:
+    """SIGTERM every process carrying the marker, SIGKILL what is left after `grace` s; returns how many."""
+    pids = marked_pids(marker)
+    for pid in pids:
+        with suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and marked_pids(marker):
+        time.sleep(0.2)
+    for pid in marked_pids(marker):
+        with suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return len(pids)
+
+
 class Supervised:
     """A long-lived process kept running: whenever it exits or is killed it is started again, after a
     pause that doubles from `first_delay` up to `max_delay` (back to `first_delay` once a start has lived
-    `healthy_after` seconds). Each start runs in its own process group; what a dead one left behind (the
-    flow runs of a killed worker) is sent SIGTERM before the next start, so the new process's runs are the
-    only ones and the worker's limit holds. `stop()` ends it for good."""
+    `healthy_after` seconds). Each start runs in its own process group, with a marker in its environment
+    that everything it starts inherits; what a dead one left behind (the flow runs of a killed worker, in
+    sessions of their own) is ended before the next start, so the new process's runs are the only ones,
+    the worker's limit holds and a restart with another signer set really drops the old keys. `stop()`
+    ends it and everything it started for good."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path, *,
                  first_delay: float = 1.0, max_delay: float = 30.0, healthy_after: float = 60.0,
@@ -132,6 +233,7 @@ class Supervised:
         self.name, self.args, self.env, self.log_path = name, args, env, log_path
         self.first_delay, self.max_delay, self.healthy_after = first_delay, max_delay, healthy_after
         self.say = say
+        self.marker = f"{name}-{secrets.token_hex(6)}"
         self.restarts = 0
         self._groups: list[int] = []
         self._lock = threading.Lock()
@@ -143,8 +245,8 @@ class Supervised:
 
     def _start(self) -> subprocess.Popen[bytes]:
         with self.log_path.open("ab") as log:
-            process = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+            process = subprocess.Popen(self.args, env={**self.env, MARKER: self.marker}, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
         self._groups.append(process.pid)
         self._started_at = time.monotonic()
         return process
@@ -162,6 +264,10 @@ class Supervised:
             with self.log_path.open("ab") as log:
                 log.write(f"--- {message} ---\n".encode())
             _signal_group(self.process.pid, signal.SIGTERM)  # the runs it started, if any are left
+            left = end_marked(self.marker)  # and those in sessions of their own
+            if left:
+                with self.log_path.open("ab") as log:
+                    log.write(f"--- ended {left} process(es) the exited one had started ---\n".encode())
             if self._stopping.wait(delay):
                 return
             with self._lock:
@@ -193,6 +299,7 @@ class Supervised:
             leftovers = [g for g in leftovers if group_alive(g)]
         for g in leftovers:
             _signal_group(g, signal.SIGKILL)
+        end_marked(self.marker)
 
     @property
     def process_groups(self) -> list[int]:
@@ -243,33 +350,52 @@ def local_stack(*, database: str, buyers: int, block_time: float = 1, api_port: 
         t0 = time.monotonic()
         database_url = os.environ.get("DATABASE_URL")
         rpc_url = os.environ.get("RPC_URL")
-        chain_dir = DATA_DIR / "chain"
-        kept = keep and not database_url and not rpc_url and (chain_dir / "state.json").exists() \
-            and (chain_dir / "stack.json").exists()
+        chain_dir, saved = DATA_DIR / "chain", DATA_DIR / "chain" / "stack.json"
+        keep = keep and not database_url and not rpc_url  # kept only when both are the stack's own
+        kept = keep and (chain_dir / "state.json").exists() and saved.exists()
         if keep and not kept and chain_dir.exists():
             shutil.rmtree(chain_dir)
+        pg_uri = None if database_url else start_embedded_postgres(DATA_DIR / "pg")
+        deployment = None
+        anvil = None
         if not rpc_url:
             if keep:
                 chain_dir.mkdir(parents=True, exist_ok=True)
             anvil = start_anvil(block_time=block_time, log_dir=log_dir,
                                 state_file=chain_dir / "state.json" if keep else None)
-            stack.callback(anvil.stop)
             rpc_url = anvil.url
-        deployment = load_deployment(chain_dir / "stack.json", rpc_url) if kept else None
-        if kept and deployment is None:  # the saved contracts are not on the chain: start both afresh
-            note("the kept chain state does not hold the saved contracts; starting a fresh chain and database")
-            kept = False
-        pg_uri = None
+        if kept and anvil is not None and pg_uri is not None:
+            deployment = load_deployment(saved, rpc_url)
+            stack_id = json.loads(saved.read_text()).get("stack_id", "")
+            why = ("the saved contracts are not on it" if deployment is None
+                   else kept_chain_matches(saved, rpc_url)
+                   or (None if database_tag(pg_uri, database) == f"local-stack:{stack_id}"
+                       else f"the payments database {database} is not the one made with it"))
+            if why:  # never a kept database on another chain (or the reverse): both start afresh
+                note(f"not keeping the chain and the payments database: {why}; starting both afresh")
+                anvil.stop()
+                shutil.rmtree(chain_dir)
+                chain_dir.mkdir(parents=True)
+                anvil = start_anvil(block_time=block_time, log_dir=log_dir, state_file=chain_dir / "state.json")
+                rpc_url, deployment, kept = anvil.url, None, False
+            else:
+                _update_saved(saved, stopped=None)  # until the next clean stop records it again
+        if anvil is not None:
+            stack.callback(anvil.stop)
+            if keep:
+                stack.callback(record_clean_stop, saved, rpc_url)  # runs just before anvil stops
         if not database_url:
-            pg_uri = start_embedded_postgres(DATA_DIR / "pg")
+            assert pg_uri is not None
             database_url = create_database(pg_uri, database, drop=not kept)
         upgrade(database_url)
         note(f"PostgreSQL ready, schema migrated ({time.monotonic() - t0:.1f} s)"
              + (f"; payments database {database} kept from the last start" if kept else ""))
         if deployment is None:
             deployment = deploy_payment_stack(rpc_url, buyers=buyers)
-            if keep:
-                save_deployment(chain_dir / "stack.json", deployment)
+            if keep and pg_uri is not None:
+                stack_id = secrets.token_hex(8)
+                save_deployment(saved, deployment, stack_id)
+                tag_database(pg_uri, database, stack_id)
         note(f"chain {deployment.chain_id} at {rpc_url}{' (kept from the last start)' if kept else ''}: "
              f"payment token {deployment.payment_token}, mint token {deployment.mint_token}")
         engine = make_engine(database_url)

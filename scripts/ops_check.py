@@ -24,6 +24,7 @@ import statistics
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,31 @@ def recovery_trials(stack: Stack, trials: int) -> list[float]:
     return starts
 
 
+def scalar(stack: Stack, sql: str) -> Any:
+    with stack.engine.connect() as conn:
+        return conn.execute(text(sql)).scalar()
+
+
+def run_lateness(api: str) -> dict[str, float]:
+    """How late the scheduled deployments' runs started (start time - expected start), per flow: the
+    worst, in seconds, over every run that started so far."""
+    flows = {f["id"]: f["name"] for f in requests.post(f"{api}/flows/filter", json={}, timeout=30).json()}
+    worst: dict[str, float] = {}
+    offset = 0
+    while True:
+        page = requests.post(f"{api}/flow_runs/filter", timeout=30, json={
+            "flow_runs": {"start_time": {"is_null_": False}}, "limit": 200, "offset": offset}).json()
+        for r in page:
+            if not r.get("auto_scheduled") or not r.get("start_time") or not r.get("expected_start_time"):
+                continue
+            late = (datetime.fromisoformat(r["start_time"]) - datetime.fromisoformat(r["expected_start_time"]))
+            name = flows.get(r["flow_id"], "?")
+            worst[name] = max(worst.get(name, 0.0), round(late.total_seconds(), 1))
+        if len(page) < 200:
+            return worst
+        offset += 200
+
+
 def count(api: str, what: str) -> int:
     return int(requests.post(f"{api}/{what}/count", json={}, timeout=30).json())
 
@@ -155,6 +181,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--rate", type=float, default=2.0, help="payments per second while measuring")
     parser.add_argument("--idle-minutes", type=float, default=5.0)
+    parser.add_argument("--soak-minutes", type=float, default=0.0,
+                        help="keep the load this long after the trials, then report how late scheduled runs started")
     args = parser.parse_args()
     result: dict[str, Any] = {}
     with local_stack(database="payments_ops", buyers=8) as stack:
@@ -163,20 +191,25 @@ def main() -> None:
         os.environ["PREFECT_API_URL"] = stack.prefect.api_url
         api = stack.prefect.api_url
         print("• waiting for the monitor's first pass", flush=True)
-        wait_for(lambda: stack.engine.connect().execute(text("SELECT count(*) FROM monitor_samples")).scalar(), 120)
+        wait_for(lambda: scalar(stack, "SELECT count(*) FROM monitor_samples"), 120)
         load = Load(stack, args.rate)
         load.thread.start()
+        load_started = time.monotonic()
         print(f"• load: {args.rate:g} payments/s through the API", flush=True)
         print(f"• alert latency ({args.trials} trials: a signer's gas balance below the threshold, then back)")
         opened, resolved = alert_trials(stack, args.trials)
         print(f"• recovery start under load ({args.trials} trials: repair-wallet-nonces, dry run)")
         starts = recovery_trials(stack, args.trials)
+        if args.soak_minutes:
+            print(f"• soak: the load goes on for {args.soak_minutes:g} min", flush=True)
+            time.sleep(args.soak_minutes * 60)
+        lateness = run_lateness(api)
+        load_minutes = (time.monotonic() - load_started) / 60
         load.stop.set()
         load.thread.join()
         print(f"• load stopped after {load.accepted} accepted payments; waiting for the queue to drain", flush=True)
-        wait_for(lambda: stack.engine.connect().execute(text(
-            "SELECT count(*) = 0 FROM payment_queue WHERE status NOT IN ('completed', 'failed', "
-            "'confirmation_failed')")).scalar(), 300, every=1)
+        wait_for(lambda: scalar(stack, "SELECT count(*) = 0 FROM payment_queue WHERE status NOT IN "
+                                       "('completed', 'failed', 'confirmation_failed')"), 300, every=1)
         time.sleep(20)
         print(f"• idle for {args.idle_minutes:g} min: counting flow runs and task runs created", flush=True)
         flows0, tasks0, db0 = count(api, "flow_runs"), count(api, "task_runs"), prefect_db_bytes(stack)
@@ -186,6 +219,8 @@ def main() -> None:
     result = {
         "alert_opened_s": figures(opened), "alert_resolved_s": figures(resolved) if resolved else None,
         "recovery_start_s": figures(starts),
+        "worst_scheduled_run_lateness_s": lateness,
+        "load_minutes": round(load_minutes, 1),
         "idle_flow_runs_per_min": round((flows1 - flows0) / minutes, 2),
         "idle_task_runs_per_min": round((tasks1 - tasks0) / minutes, 2),
         "prefect_db_mb": round(db1 / 1e6, 1) if db1 else None,
@@ -194,6 +229,7 @@ def main() -> None:
     print()
     print(f"Alert notification after the threshold was crossed: {result['alert_opened_s']} (target p95 <= "
           f"{ALERT_P95_LIMIT:.0f} s); resolved notice: {result['alert_resolved_s']}")
+    print(f"Scheduled runs, the latest start after their due time (s): {lateness} (interval 300 s)")
     print(f"Recovery run start after the trigger, under load: {result['recovery_start_s']} (target max <= "
           f"{RECOVERY_START_LIMIT:.0f} s)")
     print(f"Idle: {result['idle_flow_runs_per_min']} flow runs/min, {result['idle_task_runs_per_min']} task runs/min "

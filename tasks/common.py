@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,11 +83,20 @@ class Lanes:
         self.engine, self.chain_id, self.signers = engine, chain_id, signers
         self.conn: Connection | None = None
         self.owned: list[Signer] = []
+        self.resting_until = 0.0
+
+    def rest(self, seconds: float) -> None:
+        """Let every lane go and take none for `seconds`: a run whose ticks fail (its chain or database
+        connection broken) leaves the lanes to a standby run that may still reach both."""
+        self.release()
+        self.resting_until = time.monotonic() + seconds
 
     def take(self) -> list[Signer]:
         """Lock every free lane not held yet; returns all lanes this run holds now. If the locks'
         connection was lost (a PostgreSQL restart), so were the locks: nothing is held until they are
         taken again on a new connection."""
+        if time.monotonic() < self.resting_until:
+            return []
         try:
             if self.conn is None:
                 self.conn = self.engine.connect()
@@ -103,20 +113,22 @@ class Lanes:
             conn, self.conn, self.owned = self.conn, None, []
             if conn is not None:
                 with contextlib.suppress(Exception):
-                    conn.close()
+                    conn.invalidate()  # never back to the pool: its session may still hold lane locks
         return list(self.owned)
 
     def release(self) -> None:
         if self.conn is None:
             return
+        conn, self.conn, owned, self.owned = self.conn, None, self.owned, []
         try:
-            for s in self.owned:
-                self.conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"),
-                                  {"k": lane_lock_key(self.chain_id, s.address)})
-            self.conn.commit()
-        finally:
-            self.conn.close()
-            self.conn, self.owned = None, []
+            for s in owned:
+                conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"),
+                             {"k": lane_lock_key(self.chain_id, s.address)})
+            conn.commit()
+            conn.close()
+        except Exception:
+            with contextlib.suppress(Exception):
+                conn.invalidate()  # the session (and any lock left in it) ends with the connection
 
 
 def _try_lock(conn: Connection, key: str) -> bool:

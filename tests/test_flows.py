@@ -341,7 +341,7 @@ def test_the_local_stack_restarts_a_killed_worker_and_stops_everything_at_the_en
     """kill -9 of the stack's worker alone (as the OOM killer would): the stack stops the flow runs it
     left and starts a new one, which runs the deployments again (a payment queued after the kill is
     sent); leaving the stack stops every process it started."""
-    from payments.stack import group_alive, local_stack
+    from payments.stack import group_alive, local_stack, marked_pids
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)  # the stack joins the tests' database, chain, server
     with embedded_engine.begin() as conn:
@@ -364,8 +364,9 @@ def test_the_local_stack_restarts_a_killed_worker_and_stops_everything_at_the_en
         print(f"kill -9 of the stack's worker to the next payment sent: {time.monotonic() - killed:.1f} s")
         assert sent, (tmp_path / "worker.log").read_text()[-3000:]
         assert stack.worker.restarts == 1
-        groups, api = stack.worker.process_groups, stack.api
-    assert not any(group_alive(g) for g in groups)  # both workers and every flow run they started
+        groups, api, marker = stack.worker.process_groups, stack.api, stack.worker.marker
+    assert not any(group_alive(g) for g in groups)  # both workers
+    assert marked_pids(marker) == []  # and every flow run they started, each in a session of its own
     assert api.poll() is not None
 
 
