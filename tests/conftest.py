@@ -136,11 +136,16 @@ def _deployed(anvil_node: Anvil) -> tuple[Deployment, dict[str, str]]:
 
 @pytest.fixture
 def chain(_deployed: tuple[Deployment, dict[str, str]]) -> Iterator[Deployment]:
-    """The deployed contracts; the chain goes back to its post-deploy state after the test."""
+    """The deployed contracts; the chain goes back to its post-deploy state after the test, with an empty
+    transaction pool: evm_revert keeps pending transactions, which a later test would see mined (a
+    wallet with nonces it never used)."""
     dep, snapshot = _deployed
+    rpc(dep, "anvil_dropAllTransactions", [])
     yield dep
+    rpc(dep, "anvil_dropAllTransactions", [])
     rpc(dep, "evm_setAutomine", [True])
     assert rpc(dep, "evm_revert", [snapshot["id"]]) is True
+    rpc(dep, "anvil_dropAllTransactions", [])
     snapshot["id"] = str(rpc(dep, "evm_snapshot", []))  # a snapshot is used up by its revert
 
 

@@ -256,9 +256,14 @@ def test_the_ui_is_told_to_reach_its_own_server(prefect_api: str) -> None:
     assert settings["api_url"] == prefect_api  # not the default http://127.0.0.1:4200/api
 
 
+TEST_MARKER = f"tests-{os.getpid()}"  # every process the tests start carries it, flow runs included
+
+
 def _spawn(module: str, env: dict[str, str], log: Any) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", module], cwd=REPO_ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    from payments.stack import MARKER
+
+    return subprocess.Popen([sys.executable, "-m", module], cwd=REPO_ROOT, env={**env, MARKER: TEST_MARKER},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _deploy(env: dict[str, str], log_path: Path) -> None:
@@ -303,7 +308,7 @@ def test_kill_9_of_the_worker_and_its_runs_does_not_stall_the_pipeline(
     flow_env: dict[str, str], chain: Deployment, embedded_engine: Engine, tmp_path: Any
 ) -> None:
     """The flows deployed from prefect.yaml on the work pool; the worker is killed together with its runs
-    (kill -9 of the process group: an OOM kill or a lost container) and a new worker starts (the local
+    (kill -9 of the worker and of every flow run it started: a lost container) and a new worker starts (the local
     stack's supervisor, or systemd, does that). A payment queued after the kill is sent within a minute,
     although the next scheduled send run is 5 minutes away: the new worker starts one of each at once."""
     with embedded_engine.begin() as conn:
@@ -319,7 +324,12 @@ def test_kill_9_of_the_worker_and_its_runs_does_not_stall_the_pipeline(
         assert _wait_for(lambda: payment(embedded_engine, first)["status"] in ("sent", "completed"), 90), \
             log_path.read_text()[-3000:]
         assert _active_runs("send-payments", "send") >= 1
+        from payments.stack import marked_pids
+
         os.killpg(worker.pid, signal.SIGKILL)
+        for pid in marked_pids(TEST_MARKER):  # and its flow runs, each in a session of its own: all gone at once
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         worker.wait(timeout=10)
         killed = time.monotonic()
         worker = _spawn("deployments.worker", env, log)
@@ -330,6 +340,10 @@ def test_kill_9_of_the_worker_and_its_runs_does_not_stall_the_pipeline(
         assert sent, f"no payment sent {took:.0f} s after the kill: {statuses(embedded_engine)}"
     finally:
         _stop_group(worker)
+        # its flow runs live in sessions of their own: end them, or they go on using the tests' chain
+        from payments.stack import end_marked
+
+        end_marked(TEST_MARKER)
         log.close()
 
 
