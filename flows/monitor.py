@@ -102,7 +102,7 @@ def recent_chart(engine: Engine, minutes: int = 60) -> bytes | None:
     times = [r.at for r in rows]
     ax.plot(times, [r.queue_depth for r in rows], label="pending (queue depth)", color="#5fb3ff", linewidth=2)
     ax.plot(times, [r.sent for r in rows], label="sent (awaiting confirmation)", color="#ffb454", linewidth=2)
-    ax.set_title(f"Payments waiting, last {minutes} min (one point per monitor run)", color=fg, fontsize=11)
+    ax.set_title(f"Payments waiting, last {minutes} min (one point per monitor pass)", color=fg, fontsize=11)
     ax.set_ylabel("payments", color=fg)
     ax.set_xlabel("time (UTC)", color=fg)
     top = max(max(r.queue_depth for r in rows), max(r.sent for r in rows))
@@ -168,13 +168,14 @@ def emit_alert_events(engine: Engine, due: list[tuple[str, Alert]], opened: dict
         )
 
 
-SUMMARY_EVERY = 4  # passes between two dashboard (markdown + chart) artifacts, unless alerts change
+SUMMARY_EVERY = 4  # idle passes between two dashboard (markdown + chart) artifacts
 
 
-def monitor_pass(p: Pipeline, publish_summary: bool = True) -> dict[str, Any]:
+def monitor_pass(p: Pipeline, shown: dict[str, Any] | None = None) -> dict[str, Any]:
     """One evaluation: metrics, a sample, alerts (notified as events), the metrics table artifact, and the
-    dashboard artifact (with its chart) when `publish_summary` or an alert opened or resolved: each is a
-    new artifact version in the Prefect database, ~27 KB with the chart."""
+    dashboard artifact (with its chart). Each artifact is a new version in the Prefect database (~27 KB
+    with the chart), so with `shown` (what the last dashboard showed, kept by the caller) the dashboard is
+    published only when the counts or the open alerts changed, or every SUMMARY_EVERY passes."""
     with p.engine.connect() as conn:
         thresholds = read_thresholds(conn)
         metrics = compute_metrics(conn, thresholds)
@@ -190,12 +191,17 @@ def monitor_pass(p: Pipeline, publish_summary: bool = True) -> dict[str, Any]:
         log.warning("ALERT %s %s: %s", kind, alert.key, alert.message)
     create_table_artifact(key="payment-queue-metrics", table=readable_metrics(metrics),
                           description="Payment queue metrics at this run")
-    if publish_summary or any(kind != "reminder" for kind, _ in due):
+    looks = (tuple(sorted(metrics.counts.items())), tuple(sorted(a.key for a in alerts)))
+    if shown is None or shown.get("looks") != looks or shown.get("quiet", 0) + 1 >= SUMMARY_EVERY:
+        if shown is not None:
+            shown.update(looks=looks, quiet=0)
         create_markdown_artifact(
             key="payment-queue-summary",
             markdown=summary_markdown(metrics, thresholds, alerts, signers, recent_chart(p.engine)),
             description="Payment queue at a glance",
         )
+    elif shown is not None:
+        shown["quiet"] = shown.get("quiet", 0) + 1
     return {"metrics": metrics.as_row(), "alerts": [a.key for a in alerts],
             "notifications": [f"{kind}:{a.key}" for kind, a in due]}
 
@@ -225,10 +231,11 @@ def monitor_payments(
     alerts_seen: set[str] = set()
 
     passes = 0
+    shown: dict[str, Any] = {}
 
     def tick(_settings: PipelineSettings) -> bool:
         nonlocal passes
-        result = monitor_pass(p, publish_summary=passes % SUMMARY_EVERY == 0)
+        result = monitor_pass(p, shown)
         passes += 1
         last.update(result)
         notifications.extend(result["notifications"])

@@ -10,11 +10,13 @@ shows a connection error."""
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psycopg
 import requests
 from sqlalchemy import text
 
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from payments.config import REPO_ROOT
 from payments.demo import _buy_all
+from payments.localstack import DATA_DIR, start_embedded_postgres
 from payments.stack import local_stack
 
 
@@ -30,6 +33,10 @@ def main() -> None:
     parser.add_argument("--payments", type=int, default=40)
     parser.add_argument("--out", default=str(REPO_ROOT / "docs" / "screenshots"))
     args = parser.parse_args()
+    if not os.environ.get("DATABASE_URL") and not os.environ.get("PREFECT_API_URL"):
+        # a fresh Prefect database: the pictures show this run's history only
+        with psycopg.connect(start_embedded_postgres(DATA_DIR / "pg"), autocommit=True) as conn:
+            conn.execute('DROP DATABASE IF EXISTS "prefect" WITH (FORCE)')
     with local_stack(database="payments_screens", buyers=8) as stack:
         _buy_all(stack, args.payments)
         deadline = time.monotonic() + 300
@@ -44,10 +51,16 @@ def main() -> None:
         api = stack.prefect.api_url
         flows = {f["name"]: f["id"] for f in requests.post(f"{api}/flows/filter", json={}, timeout=30).json()}
         runs = requests.post(f"{api}/flow_runs/filter", timeout=30, json={
-            "flows": {"id": {"any_": [flows["send-payments"]]}}, "sort": "START_TIME_ASC", "limit": 5}).json()
-        send_run = next(r["id"] for r in runs if r.get("start_time"))
+            "flows": {"id": {"any_": [flows["send-payments"]]}}, "sort": "START_TIME_ASC", "limit": 20}).json()
+        # the run that sent the payments (renamed with its counts when it ended, or still running)
+        send_run = next(r["id"] for r in runs if (r.get("start_time") and "sent" in r["name"])
+                        or r.get("state_type") == "RUNNING")
+        latest = requests.post(f"{api}/artifacts/filter", timeout=30, json={
+            "artifacts": {"key": {"any_": ["payment-queue-summary"]}}, "sort": "CREATED_DESC",
+            "limit": 1}).json()[0]["id"]
         ui = stack.prefect.ui_url
-        pages = ["dashboard=/dashboard", "monitor-artifact=/artifacts/key/payment-queue-summary|Payment queue",
+        pages = ["dashboard=/dashboard", f"monitor-artifact=/artifacts/artifact/{latest}|queue depth",
+                 "monitor-artifact-history=/artifacts/key/payment-queue-summary|Payment queue",
                  f"send-run=/runs/flow-run/{send_run}|send", "work-pool=/work-pools/work-pool/payments|payments"]
         command = ["node", str(REPO_ROOT / "scripts" / "ui_check.mjs"), ui, "--screenshots", args.out]
         for page in pages:

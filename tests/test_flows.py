@@ -149,6 +149,34 @@ def test_monitor_flow_publishes_metrics_to_the_ui(flow_env: dict[str, str], chai
     assert table is not None and '{"metric": "queue depth (pending payments)", "value": "3"}' in str(table.data)
 
 
+def test_the_dashboard_is_republished_when_the_queue_changes_and_every_few_idle_passes(
+        flow_env: dict[str, str], chain: Deployment, embedded_engine: Engine, prefect_api: str) -> None:
+    """Every artifact version stays in the Prefect database: an idle monitor republishes the dashboard
+    every SUMMARY_EVERY passes, a changed queue at once."""
+    import requests
+
+    from flows.monitor import SUMMARY_EVERY, monitor_pass
+    from tasks.common import Pipeline
+
+    def versions() -> int:
+        return int(requests.post(f"{prefect_api}/artifacts/count", timeout=30, json={
+            "artifacts": {"key": {"any_": ["payment-queue-summary"]}}}).json())
+
+    p = Pipeline.from_env()
+    shown: dict[str, Any] = {}
+    before = versions()
+    monitor_pass(p, shown)
+    assert versions() == before + 1  # the first pass shows the queue
+    for _ in range(SUMMARY_EVERY - 1):
+        monitor_pass(p, shown)
+    assert versions() == before + 1  # nothing changed: no new version
+    monitor_pass(p, shown)
+    assert versions() == before + 2  # the idle refresh
+    queue_many(embedded_engine, chain, 1)
+    monitor_pass(p, shown)
+    assert versions() == before + 3  # a new pending payment: shown at once
+
+
 def test_recovery_flow_run_records_its_actions_and_an_artifact(flow_env: dict[str, str], chain: Deployment,
                                                                embedded_engine: Engine) -> None:
     from prefect.artifacts import Artifact
@@ -544,12 +572,17 @@ def test_the_prefect_ui_loads_the_dashboard_and_the_monitor_artifact_in_a_real_b
     load with their API calls answered and no connection error on the page."""
     import json
 
+    import requests
+
     from flows.monitor import monitor_payments
 
     monitor_payments(run_seconds=0)
+    latest = requests.post(f"{prefect_api}/artifacts/filter", timeout=30, json={
+        "artifacts": {"key": {"any_": ["payment-queue-summary"]}}, "sort": "CREATED_DESC", "limit": 1}).json()[0]["id"]
     done = subprocess.run(["node", str(REPO_ROOT / "scripts" / "ui_check.mjs"), prefect_api.removesuffix("/api"),
-                           "--screenshots", str(tmp_path)], capture_output=True, text=True, timeout=180,
-                          cwd=REPO_ROOT)
+                           "--screenshots", str(tmp_path), "--page", "dashboard=/dashboard",
+                           "--page", f"monitor-artifact=/artifacts/artifact/{latest}|queue depth (pending)"],
+                          capture_output=True, text=True, timeout=180, cwd=REPO_ROOT)
     pages = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert {p["page"] for p in pages} == {"dashboard", "monitor-artifact"}, done.stdout + done.stderr
     assert done.returncode == 0 and all(p["ok"] and p["api_failed"] == 0 for p in pages), done.stdout + done.stderr
