@@ -231,7 +231,7 @@ def main() -> None:
     try:
         dep = deploy_payment_stack(anvil.url, buyers=50, signer_count=args.lanes)
         engine = make_engine(url, pool_size=args.lanes + 4)
-        w3 = connect(anvil.url)
+        w3 = connect(anvil.url, timeout=120)  # a batch of 1,000 simulations against the pending state takes seconds
         print("• the limit: pre-signed settlements into anvil", flush=True)
         limit, settlement_gas = limit_tx_per_s(dep, min(args.payments, 5_000))
         result["limit_tx_per_s"] = round(limit, 1)
@@ -242,7 +242,7 @@ def main() -> None:
         minter = signer_from_key("0x" + bytes(dep.minter.key).hex())
         p = Pipeline(engine=engine, w3=w3, chain_id=dep.chain_id, signers=signers, minter=minter)
         big = max(args.payments // args.lanes, 1)
-        settings = PipelineSettings(payment_batch_size=min(big, 1000), settlement_gas_limit=200_000,
+        settings = PipelineSettings(payment_batch_size=min(big, 500), settlement_gas_limit=200_000,
                                     confirmation_batch_size=1000, mint_batch_size=1000, confirmation_depth=2,
                                     mint_confirmation_depth=2)
         print(f"• queueing {args.payments} signed payments", flush=True)
