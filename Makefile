@@ -33,7 +33,7 @@ drill: setup
 
 # Operator promises on a fresh local stack: alert latency, recovery start under load, idle noise.
 ops-check: setup
-	$(BIN)/python scripts/ops_check.py
+	$(BIN)/python scripts/ops_check.py $(if $(SOAK),--soak-minutes $(SOAK))
 
 # Stage throughput against the machine's limit; writes docs/BENCHMARKS.md (last line: JSON).
 bench: setup
