@@ -122,7 +122,8 @@ def drain(check: Any, step: Any, timeout: float) -> float:
     return time.perf_counter() - started
 
 
-def intake(dep: Deployment, url: str, engine: Engine, count: int, clients: int) -> tuple[float, float, int]:
+def intake(dep: Deployment, url: str, engine: Engine, count: int, clients: int,
+           workers: int = 1) -> tuple[float, float, int]:
     """POST `count` pre-signed x402 payments to a real API process. Returns (accepted/s, API RSS MB,
     accepted)."""
     from x402.http.utils import decode_payment_required_header, encode_payment_signature_header
@@ -131,7 +132,7 @@ def intake(dep: Deployment, url: str, engine: Engine, count: int, clients: int) 
     port = free_port()
     env = {**os.environ, "DATABASE_URL": url, "RPC_URL": dep.rpc_url, "PORT": str(port),
            "PUBLIC_URL": f"http://127.0.0.1:{port}", "PAYMENTS_API_KEY": "bench", "LOG_LEVEL": "warning",
-           "API_MAX_CONCURRENCY": "1000"}
+           "API_MAX_CONCURRENCY": "1000", "API_WORKERS": str(workers)}
     with transaction(engine, "bench") as conn:
         conn.execute(query("upsert_product"), {
             "id": "bench-mint", "chain_id": dep.chain_id, "mint_token": dep.mint_token.lower(),
@@ -173,7 +174,8 @@ def intake(dep: Deployment, url: str, engine: Engine, count: int, clients: int) 
         with ThreadPoolExecutor(max_workers=clients) as pool:
             accepted = sum(pool.map(post, range(count)))
         seconds = time.perf_counter() - started
-        rss = psutil.Process(api.pid).memory_info().rss / 1e6
+        family = [psutil.Process(api.pid), *psutil.Process(api.pid).children(recursive=True)]
+        rss = sum(p.memory_info().rss for p in family) / 1e6
         return accepted / seconds, rss, accepted
     finally:
         api.terminate()
@@ -218,6 +220,7 @@ def main() -> None:
     parser.add_argument("--payments", type=int, default=10_000)
     parser.add_argument("--intake", type=int, default=2_000)
     parser.add_argument("--lanes", type=int, default=2)
+    parser.add_argument("--api-workers", type=int, default=2, help="uvicorn worker processes for intake")
     parser.add_argument("--tiny", action="store_true", help="a few dozen payments (CI), no report file")
     args = parser.parse_args()
     if args.tiny:
@@ -280,7 +283,8 @@ def main() -> None:
             list(pool.map(lambda s: send_lane_tick(p, s, owner, small), signers))
         result["claim_to_sent_50_s"] = round(time.perf_counter() - started, 3)
         print(f"• intake: {args.intake} pre-signed payments through a real API process", flush=True)
-        rate, api_rss, accepted = intake(dep, url, engine, args.intake, 16)
+        rate, api_rss, accepted = intake(dep, url, engine, args.intake, 16, args.api_workers)
+        result["api_workers"] = args.api_workers
         result["intake_per_s"] = round(rate, 1)
         result["intake_accepted"] = accepted
         result["api_rss_mb"] = round(api_rss, 1)

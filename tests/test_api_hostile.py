@@ -54,8 +54,10 @@ class Server:
         return self.process.poll() is None
 
 
-@pytest.fixture
-def server(pipeline: Pipeline, chain: Deployment, embedded_db_url: str) -> Iterator[Server]:
+@pytest.fixture(params=[1])
+def server(request: pytest.FixtureRequest, pipeline: Pipeline, chain: Deployment,
+           embedded_db_url: str) -> Iterator[Server]:
+    """A real `python -m api` process (API_WORKERS = the fixture's param)."""
     with transaction(pipeline.engine, "test") as conn:
         conn.execute(query("upsert_product"), {
             "id": "demo-mint", "chain_id": chain.chain_id, "mint_token": chain.mint_token.lower(),
@@ -66,7 +68,8 @@ def server(pipeline: Pipeline, chain: Deployment, embedded_db_url: str) -> Itera
         port = int(s.getsockname()[1])
     env = {k: v for k, v in os.environ.items() if "PRIVATE_KEY" not in k}
     env.update({"DATABASE_URL": embedded_db_url, "RPC_URL": chain.rpc_url, "HOST": "127.0.0.1", "PORT": str(port),
-                "PUBLIC_URL": f"http://127.0.0.1:{port}", "PAYMENTS_API_KEY": API_KEY, "LOG_LEVEL": "critical"})
+                "PUBLIC_URL": f"http://127.0.0.1:{port}", "PAYMENTS_API_KEY": API_KEY, "LOG_LEVEL": "critical",
+                "API_WORKERS": str(request.param)})
     log = tempfile.TemporaryFile()  # noqa: SIM115  (closed at teardown, after the process ends)
     process = subprocess.Popen([sys.executable, "-m", "api"], cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
     up = Server(port, process, log)
@@ -82,9 +85,14 @@ def server(pipeline: Pipeline, chain: Deployment, embedded_db_url: str) -> Itera
             pytest.fail(f"the API did not start: {log.read()[-3000:]!r}")
         time.sleep(0.2)
     yield up
+    import psutil
+
+    family = psutil.Process(process.pid).children(recursive=True)
     process.terminate()
     process.wait(timeout=20)
+    _, alive = psutil.wait_procs(family, timeout=20)
     log.close()
+    assert not alive, "API worker processes outlived their parent"
 
 
 # --------------------------------------------------------------------------- raw HTTP
@@ -306,3 +314,21 @@ def test_no_operation_of_the_schema_answers_5xx(server: Server, pipeline: Pipeli
     check()
     assert server.alive()
     print(f"schema fuzz: {sum(seen.values())} requests: {dict(sorted(seen.items()))}")
+
+
+@pytest.mark.parametrize("server", [2], indirect=True)
+def test_several_api_workers_share_one_port_and_take_payments(server: Server, pipeline: Pipeline,
+                                                              chain: Deployment) -> None:
+    """API_WORKERS=2: two uvicorn worker processes behind one port take paid requests (each queued once),
+    and stopping the parent stops both workers (checked at teardown)."""
+    import psutil
+
+    from api.buyer import paying_session, submit
+
+    assert len(psutil.Process(server.process.pid).children(recursive=True)) >= 2
+    session = paying_session("0x" + bytes(chain.buyers[0].key).hex())
+    answers = [submit(session, server.url, "demo-mint", 1) for _ in range(4)]
+    ids = {a["paymentId"] for a in answers}
+    assert len(ids) == 4 and all(a["status"] == "pending" for a in answers), answers
+    with pipeline.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM payment_queue")).scalar_one() == 4
