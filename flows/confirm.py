@@ -13,7 +13,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.runs import finish_run, has_work, running_name
+from flows.runs import StateChanges, finish_run, has_work, running_name
 from flows.ticks import add_counts, counts, run_window, tick_loop, with_retries
 from payments.settings import PipelineSettings
 from tasks.common import Pipeline
@@ -33,12 +33,15 @@ def confirm_payments(
     window = run_window(settings.confirm_run_seconds) if run_seconds is None else run_seconds
     actor = f"confirm-{flow_run.get_id() or 'local'}"
     total = ConfirmReport()
+    changes = with_retries(lambda: StateChanges(p.engine, actor))
 
     def tick(settings: PipelineSettings) -> bool:
         # a task run only when payments wait; an idle tick still tends the wallets, in the flow itself
         report = (confirm_tick_task(p, actor, settings) if has_work(p.engine, "confirm", p.chain_id)
                   else confirm_tick(p, actor, settings))
         add_counts(total, report)
+        if report.completed or report.released or report.confirmation_failed or report.requeued or report.reorged:
+            changes.log()
         # a full pass that made progress: more receipts are waiting, check them at once
         moved = report.completed + report.released + report.confirmation_failed + report.requeued + report.reorged
         return report.checked >= settings.confirmation_batch_size and moved > 0

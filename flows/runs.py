@@ -43,6 +43,34 @@ def has_work(engine: Engine, stage: str, chain_id: int = 0) -> bool:
         return bool(conn.execute(text(_WORK[stage]), {"c": chain_id}).scalar())
 
 
+class StateChanges:
+    """INFO lines, after each tick that moved payments, naming which payments this run moved to which
+    status (from the audit trail, payment_events, whose actor is the run's owner id): the run page says
+    which payments it handled, and the UI's log search finds the run of a payment id."""
+
+    SHOWN = 20
+
+    def __init__(self, engine: Engine, actor_prefix: str) -> None:
+        self.engine, self.prefix = engine, actor_prefix
+        with engine.connect() as conn:
+            self.last = int(conn.execute(text("SELECT coalesce(max(id), 0) FROM payment_events")).scalar_one())
+
+    def log(self) -> None:
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(text(
+                    "SELECT to_status, array_agg(payment_id ORDER BY id), max(id) FROM payment_events "
+                    "WHERE id > :last AND starts_with(actor, :prefix) GROUP BY to_status"),
+                    {"last": self.last, "prefix": self.prefix}).all()
+                self.last = max([self.last, *(int(r[2]) for r in rows)])
+        except Exception as exc:  # a log line is never worth failing a tick for
+            run_logger().debug("could not read the state changes: %s", exc)
+            return
+        for status, ids, _ in sorted(rows, key=lambda r: str(r[0])):
+            more = f" (+{len(ids) - self.SHOWN} more)" if len(ids) > self.SHOWN else ""
+            run_logger().info("-> %s: %d payment(s): %s%s", status, len(ids), ", ".join(ids[: self.SHOWN]), more)
+
+
 def summary(report: dict[str, int]) -> str:
     return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report.items() if v) or "nothing to do"
 

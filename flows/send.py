@@ -14,7 +14,7 @@ from prefect import flow, unmapped
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.runs import finish_run, has_work, running_name
+from flows.runs import StateChanges, finish_run, has_work, running_name
 from flows.ticks import LANE_REST_SECONDS, add_counts, counts, run_window, tick_loop, with_retries
 from payments.db import fetch_all, transaction
 from payments.settings import PipelineSettings
@@ -68,6 +68,7 @@ def send_payments(
     total = SendReport()
     log = run_logger()
     lanes = Lanes(p.engine, p.chain_id, p.signers)
+    changes = with_retries(lambda: StateChanges(p.engine, owner))
     try:
         if not lanes.take():
             log.info("Every signer lane is held by another send run; standing by to take them over")
@@ -78,6 +79,8 @@ def send_payments(
                 return False
             report = send_tick(p, owned, owner, settings)
             add_counts(total, report)
+            if report.claimed or report.resumed:
+                changes.log()
             return report.claimed >= settings.payment_batch_size * len(owned)
 
         def let_go(_: BaseException) -> None:

@@ -587,3 +587,22 @@ def test_the_prefect_ui_loads_the_dashboard_and_the_monitor_artifact_in_a_real_b
     assert {p["page"] for p in pages} == {"dashboard", "monitor-artifact"}, done.stdout + done.stderr
     assert done.returncode == 0 and all(p["ok"] and p["api_failed"] == 0 for p in pages), done.stdout + done.stderr
     assert all((tmp_path / f"{p['page']}.png").stat().st_size > 10_000 for p in pages)
+
+
+def test_a_run_logs_which_payments_it_moved_to_which_status(
+        chain: Deployment, embedded_engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    """The run page names the payments a run moved (from the audit trail, by the run's actor), and only
+    those: another actor's changes are not listed, and each change is listed once."""
+    import logging
+
+    from flows.runs import StateChanges
+
+    mine = StateChanges(embedded_engine, "test")  # queue_many audits as actor "test"
+    theirs = StateChanges(embedded_engine, "send-other-run")
+    ids = queue_many(embedded_engine, chain, 3)
+    with caplog.at_level(logging.INFO, logger="payments"):
+        mine.log()
+        theirs.log()
+        mine.log()  # nothing new since the last line
+    lines = [r.getMessage() for r in caplog.records if "-> " in r.getMessage()]
+    assert lines == [f"-> pending: 3 payment(s): {', '.join(ids)}"], lines
