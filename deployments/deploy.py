@@ -6,7 +6,7 @@
    the monitor), so a run's window equals its schedule's interval;
 3. deployments of these flows that the file no longer names (an earlier version's) are deleted;
 4. the automations (deployments/automations.py): crashed-run detection, a new run when a pipeline run
-   crashes or fails, alert notifications.
+   crashes, alert notifications.
 
 Idempotent; transient errors (the database or the Prefect API restarting) are retried with backoff."""
 

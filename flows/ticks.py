@@ -10,7 +10,7 @@ ends at one tick each once the work is done.
 A tick that fails on an error that goes away by itself (PostgreSQL restarting, the RPC endpoint or the
 Prefect API unreachable) is logged and the loop goes on at its interval: a run lives through an outage
 instead of leaving its stage without a run until the next schedule slot. Other errors end the run
-(Failed); the payments-rerun-ended-runs automation starts a new one a few seconds later."""
+(Failed): a defect, not re-run at once (it would only repeat); the next scheduled run tries again."""
 
 from __future__ import annotations
 
