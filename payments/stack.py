@@ -364,6 +364,7 @@ def local_stack(*, database: str, buyers: int, block_time: float = 1, api_port: 
             anvil = start_anvil(block_time=block_time, log_dir=log_dir,
                                 state_file=chain_dir / "state.json" if keep else None)
             rpc_url = anvil.url
+            stack.callback(lambda: anvil.stop() if anvil is not None else None)  # whichever anvil runs last
         if kept and anvil is not None and pg_uri is not None:
             deployment = load_deployment(saved, rpc_url)
             stack_id = json.loads(saved.read_text()).get("stack_id", "")
@@ -380,10 +381,8 @@ def local_stack(*, database: str, buyers: int, block_time: float = 1, api_port: 
                 rpc_url, deployment, kept = anvil.url, None, False
             else:
                 _update_saved(saved, stopped=None)  # until the next clean stop records it again
-        if anvil is not None:
-            stack.callback(anvil.stop)
-            if keep:
-                stack.callback(record_clean_stop, saved, rpc_url)  # runs just before anvil stops
+        if anvil is not None and keep:
+            stack.callback(record_clean_stop, saved, rpc_url)  # runs just before anvil stops
         if not database_url:
             assert pg_uri is not None
             database_url = create_database(pg_uri, database, drop=not kept)
