@@ -668,23 +668,20 @@ class Drill:
                    f"{r.rebroadcast} re-sent, {r.replaced} re-priced" if r.completed or r.confirmation_failed \
                    or r.replaced else "confirm: no change"
 
-        def reset() -> str:
-            with self.engine.connect() as conn:
-                settings = read_settings(conn)
-            actor = "recovery:reset_stuck_payments:drill"
-            acts = reset_stuck_payments(pipe, Filters(), settings, dry_run=False, actor=actor)
-            record_actions(pipe, "reset_stuck_payments", actor, False, acts)
-            applied = [a for a in acts if a.outcome == "applied"]
-            return f"reset_stuck: {len(applied)} applied" if applied else "reset_stuck: nothing to do"
+        def repair(name: str, label: str, work: Callable[..., list[Any]]) -> Callable[[], str]:
+            """One pass of a recovery repair (applied, audited), as the recovery flow would run it."""
+            def run() -> str:
+                with self.engine.connect() as conn:
+                    settings = read_settings(conn)
+                actor = f"recovery:{name}:drill"
+                acts = work(pipe, Filters(), settings, dry_run=False, actor=actor)
+                record_actions(pipe, name, actor, False, acts)
+                applied = [a for a in acts if a.outcome == "applied"]
+                return f"{label}: {len(applied)} applied" if applied else f"{label}: nothing to do"
+            return run
 
-        def recheck() -> str:
-            with self.engine.connect() as conn:
-                settings = read_settings(conn)
-            actor = "recovery:recheck_confirmation_failed:drill"
-            acts = recheck_confirmation_failed(pipe, Filters(), settings, dry_run=False, actor=actor)
-            record_actions(pipe, "recheck_confirmation_failed", actor, False, acts)
-            applied = [a for a in acts if a.outcome == "applied"]
-            return f"recheck: {len(applied)} applied" if applied else "recheck: nothing to do"
+        reset = repair("reset_stuck_payments", "reset_stuck", reset_stuck_payments)
+        recheck = repair("recheck_confirmation_failed", "recheck", recheck_confirmation_failed)
 
         threads = [threading.Thread(target=loop, args=(n, w), daemon=True)
                    for n, w in (("confirm_tick", confirm), ("confirm_tick", confirm), ("reset_stuck_payments", reset),

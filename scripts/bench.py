@@ -39,13 +39,14 @@ from typing import Any
 
 import psutil
 import requests
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from payments.chain import Fees, connect, rpc_batch, settlement_data, sign_tx
 from payments.config import REPO_ROOT, signer_from_key
 from payments.db import make_engine, query, transaction
+from payments.demo import _counts
 from payments.eip3009 import TokenDomain, sign_authorization
 from payments.localstack import (
     DATA_DIR,
@@ -74,8 +75,7 @@ PRICE = 1_000_000
 
 
 def statuses(engine: Engine, table: str = "payment_queue") -> dict[str, int]:
-    with engine.connect() as conn:
-        return {str(s): int(n) for s, n in conn.execute(text(f"SELECT status, count(*) FROM {table} GROUP BY 1"))}
+    return _counts(engine, table)
 
 
 def limit_tx_per_s(dep: Deployment, count: int) -> tuple[float, int]:
